@@ -1,0 +1,165 @@
+/* lora_linear_impl.h - LoRA Linear forward, backward and merge (template).
+ * Shapes and conventions: see lora_linear_decl.h and DESIGN.md. */
+
+#ifndef LORAC_DROP_BLOCK_ROWS
+/* Rows of drop(x) materialised at a time when dropout is on, so the scratch
+ * stays small (DROP_BLOCK_ROWS x in) whatever n is. */
+#define LORAC_DROP_BLOCK_ROWS 64
+#endif
+
+/* x (rows, in) with row stride ldx, mask (rows, in) -> out (rows, in) contiguous
+ * out = x * mask * keep_scale  (x * 0 keeps NaN as NaN, as torch's dropout). */
+static void FN(apply_dropout_mask)(ptrdiff_t rows, ptrdiff_t in, const real *x, ptrdiff_t ldx,
+                                   const uint8_t *mask, real keep_scale, real *out)
+{
+    for (ptrdiff_t i = 0; i < rows; i++)
+        for (ptrdiff_t j = 0; j < in; j++)
+            out[i * in + j] = x[i * ldx + j] * ((real)mask[i * in + j] * keep_scale);
+}
+
+int FN(lorac_linear_forward)(const LoraLinear *L, real *u, ptrdiff_t ldu, real *y, ptrdiff_t ldy)
+{
+    const ptrdiff_t n = L->n, in = L->in, out = L->out, r = L->r;
+    const real *x = L->x, *w = L->w, *bias = L->bias, *a = L->a, *b = L->b;
+    const real scaling = (real)L->scaling, keep_scale = (real)L->keep_scale;
+    const int lora = a != NULL && r > 0;
+    real *scratch = NULL;
+    if (lora && L->mask && n > 0 && in > 0) {
+        scratch = malloc(sizeof(real) * (size_t)LORAC_DROP_BLOCK_ROWS * (size_t)in);
+        if (!scratch)
+            return -1;
+    }
+
+    /* y = bias; y += x W0^T */
+    real beta = 0;
+    if (bias) {
+        for (ptrdiff_t i = 0; i < n; i++)
+            memcpy(y + i * ldy, bias, sizeof(real) * (size_t)out);
+        beta = 1;
+    }
+    FN(gemm_rm)(CblasNoTrans, L->w_in_out ? CblasNoTrans : CblasTrans, n, out, in, 1, x, L->ldx,
+                w, L->ldw, beta, y, ldy);
+    if (!lora)
+        return 0;
+
+    /* u = drop(x) A^T  (n, r) */
+    if (scratch) {
+        for (ptrdiff_t i0 = 0; i0 < n; i0 += LORAC_DROP_BLOCK_ROWS) {
+            ptrdiff_t rows = n - i0 < LORAC_DROP_BLOCK_ROWS ? n - i0 : LORAC_DROP_BLOCK_ROWS;
+            FN(apply_dropout_mask)(rows, in, x + i0 * L->ldx, L->ldx, L->mask + i0 * in,
+                                   keep_scale, scratch);
+            FN(gemm_rm)(CblasNoTrans, CblasTrans, rows, r, in, 1, scratch, in, a, L->lda, 0,
+                        u + i0 * ldu, ldu);
+        }
+        free(scratch);
+    } else {
+        FN(gemm_rm)(CblasNoTrans, CblasTrans, n, r, in, 1, x, L->ldx, a, L->lda, 0, u, ldu);
+    }
+    /* y += scaling * u B^T */
+    FN(gemm_rm)(CblasNoTrans, CblasTrans, n, out, r, scaling, u, ldu, b, L->ldb, 1, y, ldy);
+    return 0;
+}
+
+/* g (n, out) -> dbias (out) += column sums, accumulated in double. */
+static void FN(add_column_sums)(ptrdiff_t n, ptrdiff_t out, const real *g, ptrdiff_t ldg,
+                                double *acc, real *dbias)
+{
+    for (ptrdiff_t j = 0; j < out; j++)
+        acc[j] = 0;
+    for (ptrdiff_t i = 0; i < n; i++)
+        for (ptrdiff_t j = 0; j < out; j++)
+            acc[j] += (double)g[i * ldg + j];
+    for (ptrdiff_t j = 0; j < out; j++)
+        dbias[j] += (real)acc[j];
+}
+
+int FN(lorac_linear_backward)(const LoraLinear *L, const real *u, ptrdiff_t ldu, const real *g,
+                              ptrdiff_t ldg, const LoraLinearGrads *G)
+{
+    const ptrdiff_t n = L->n, in = L->in, out = L->out, r = L->r;
+    const real *x = L->x, *w = L->w, *a = L->a, *b = L->b;
+    const real scaling = (real)L->scaling, keep_scale = (real)L->keep_scale;
+    real *dx = G->dx, *dw = G->dw, *dbias = G->dbias, *da = G->da, *db = G->db;
+    const int lora = a != NULL && r > 0;
+    const int need_gb = lora && (dx || da);
+    const int need_drop = need_gb && L->mask && n > 0 && in > 0;
+    real *gb = NULL, *scratch = NULL;
+    double *colsum = NULL;
+
+    /* Allocate every scratch first: on failure nothing has been written. */
+    if (need_gb && n > 0 && r > 0)
+        gb = malloc(sizeof(real) * (size_t)n * (size_t)r);
+    if (need_drop)
+        scratch = malloc(sizeof(real) * (size_t)LORAC_DROP_BLOCK_ROWS * (size_t)in);
+    if (dbias && out > 0)
+        colsum = malloc(sizeof(double) * (size_t)out);
+    if ((need_gb && n > 0 && r > 0 && !gb) || (need_drop && !scratch) ||
+        (dbias && out > 0 && !colsum)) {
+        free(gb);
+        free(scratch);
+        free(colsum);
+        return -1;
+    }
+
+    if (dbias)
+        FN(add_column_sums)(n, out, g, ldg, colsum, dbias);
+    if (dw) { /* dW0 += g^T x (out, in), or x^T g (in, out) */
+        if (L->w_in_out)
+            FN(gemm_rm)(CblasTrans, CblasNoTrans, in, out, n, 1, x, L->ldx, g, ldg, 1, dw, G->lddw);
+        else
+            FN(gemm_rm)(CblasTrans, CblasNoTrans, out, in, n, 1, g, ldg, x, L->ldx, 1, dw, G->lddw);
+    }
+    if (lora && db) /* dB += scaling * g^T u  (out, r) */
+        FN(gemm_rm)(CblasTrans, CblasNoTrans, out, r, n, scaling, g, ldg, u, ldu, 1, db, G->lddb);
+    if (dx) /* dx = g W0  (n, in) */
+        FN(gemm_rm)(CblasNoTrans, L->w_in_out ? CblasTrans : CblasNoTrans, n, in, out, 1, g, ldg,
+                    w, L->ldw, 0, dx, G->lddx);
+
+    if (gb) {
+        /* gb = g B  (n, r) */
+        FN(gemm_rm)(CblasNoTrans, CblasNoTrans, n, r, out, 1, g, ldg, b, L->ldb, 0, gb, r);
+        if (!scratch) {
+            if (dx) /* dx += scaling * gb A */
+                FN(gemm_rm)(CblasNoTrans, CblasNoTrans, n, in, r, scaling, gb, r, a, L->lda, 1,
+                            dx, G->lddx);
+            if (da) /* dA += scaling * gb^T x */
+                FN(gemm_rm)(CblasTrans, CblasNoTrans, r, in, n, scaling, gb, r, x, L->ldx, 1,
+                            da, G->ldda);
+        } else {
+            for (ptrdiff_t i0 = 0; i0 < n; i0 += LORAC_DROP_BLOCK_ROWS) {
+                ptrdiff_t rows = n - i0 < LORAC_DROP_BLOCK_ROWS ? n - i0 : LORAC_DROP_BLOCK_ROWS;
+                const real *gb_blk = gb + i0 * r;
+                const uint8_t *mask_blk = L->mask + i0 * in;
+                if (dx) { /* dx += drop'(scaling * gb A) */
+                    FN(gemm_rm)(CblasNoTrans, CblasNoTrans, rows, in, r, scaling, gb_blk, r, a,
+                                L->lda, 0, scratch, in);
+                    for (ptrdiff_t i = 0; i < rows; i++) {
+                        real *dx_row = dx + (i0 + i) * G->lddx;
+                        for (ptrdiff_t j = 0; j < in; j++)
+                            dx_row[j] += scratch[i * in + j] * ((real)mask_blk[i * in + j] * keep_scale);
+                    }
+                }
+                if (da) { /* dA += scaling * gb^T drop(x) */
+                    FN(apply_dropout_mask)(rows, in, x + i0 * L->ldx, L->ldx, mask_blk,
+                                           keep_scale, scratch);
+                    FN(gemm_rm)(CblasTrans, CblasNoTrans, r, in, rows, scaling, gb_blk, r, scratch,
+                                in, 1, da, G->ldda);
+                }
+            }
+        }
+    }
+    free(gb);
+    free(scratch);
+    free(colsum);
+    return 0;
+}
+
+void FN(lorac_linear_merge)(ptrdiff_t out, ptrdiff_t in, ptrdiff_t r, int w_in_out, double alpha,
+                            const real *a, ptrdiff_t lda, const real *b, ptrdiff_t ldb,
+                            real *w, ptrdiff_t ldw)
+{
+    if (w_in_out) /* W0 (in, out) += alpha * A^T B^T */
+        FN(gemm_rm)(CblasTrans, CblasTrans, in, out, r, alpha, a, lda, b, ldb, 1, w, ldw);
+    else /* W0 (out, in) += alpha * B A */
+        FN(gemm_rm)(CblasNoTrans, CblasNoTrans, out, in, r, alpha, b, ldb, a, lda, 1, w, ldw);
+}

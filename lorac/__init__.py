@@ -1,0 +1,34 @@
+"""lorac: LoRA (low-rank adaptation) for Python with a fused C core on OpenBLAS.
+
+The loralib workflow without PyTorch::
+
+    import lorac
+    layer = lorac.Linear(in_features, out_features, r=16)
+    lorac.mark_only_lora_as_trainable(model)
+    ...  # train: y = model(x); model.backward(dL_dy); optimizer step
+    lorac.save(lorac.lora_state_dict(model), "adapter.safetensors")
+    model.load_state_dict(lorac.load("pretrained.safetensors"), strict=False)
+    model.load_state_dict(lorac.load("adapter.safetensors"), strict=False)
+"""
+
+__version__ = "0.1.0"
+
+from .config import blas_info, get_num_threads, set_num_threads, show_config
+from .module import IncompatibleKeys, Module, Parameter, StateDictKeyError
+from .containers import Sequential
+from .layers import LoRALayer, Linear
+from .utils import count_parameters, lora_state_dict, mark_only_lora_as_trainable
+
+try:  # the checkpoint package is developed alongside; keep the core importable
+    from .checkpoint import load, save
+except ImportError:  # pragma: no cover
+    pass
+
+__all__ = [
+    "__version__",
+    "blas_info", "get_num_threads", "set_num_threads", "show_config",
+    "Module", "Parameter", "IncompatibleKeys", "StateDictKeyError", "Sequential",
+    "LoRALayer", "Linear",
+    "mark_only_lora_as_trainable", "lora_state_dict", "count_parameters",
+    "save", "load",
+]

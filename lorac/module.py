@@ -1,0 +1,295 @@
+"""Parameter and Module: a small, explicit-gradient take on torch.nn.Module.
+
+A Module's attributes that are Parameters or Modules register themselves, so
+``named_parameters()``, ``state_dict()`` and friends see them with torch's
+dotted names.  Gradients are explicit: ``forward`` keeps what ``backward``
+needs; ``backward(grad_output)`` returns the input's gradient and accumulates
+``Parameter.grad`` for parameters with ``requires_grad``.
+"""
+
+from collections import OrderedDict, namedtuple
+
+import numpy as np
+
+IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+
+
+class StateDictKeyError(KeyError):
+    """Strict load_state_dict found missing or unexpected keys (lists in the message)."""
+
+    def __init__(self, message, missing_keys, unexpected_keys):
+        super().__init__(message)
+        self.missing_keys = missing_keys
+        self.unexpected_keys = unexpected_keys
+
+    def __str__(self):
+        return self.args[0]
+
+
+class Parameter:
+    """A trainable array: ``data`` (C-contiguous ndarray), ``requires_grad``, ``grad``.
+
+    ``grad`` is None until a backward pass accumulates into it; a parameter
+    with ``requires_grad=False`` never gets a gradient array.
+    """
+
+    __slots__ = ("data", "requires_grad", "grad")
+
+    def __init__(self, data, requires_grad=True):
+        data = np.require(np.asarray(data), requirements=["C", "A", "W"])
+        if data.dtype.kind not in "fiu":
+            raise TypeError(f"Parameter data must be a numeric array, got dtype {data.dtype}")
+        self.data = data
+        self.requires_grad = bool(requires_grad)
+        self.grad = None
+
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
+    nbytes = property(lambda self: self.data.nbytes)
+
+    def numpy(self):
+        return self.data
+
+    def __array__(self, dtype=None, copy=None):
+        if dtype is None or np.dtype(dtype) == self.data.dtype:
+            return self.data.copy() if copy else self.data
+        return self.data.astype(dtype)
+
+    def grad_buffer(self):
+        """The gradient accumulator, allocated (zeros) on first use."""
+        if self.grad is None:
+            self.grad = np.zeros_like(self.data)
+        return self.grad
+
+    def __repr__(self):
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, requires_grad={self.requires_grad})"
+
+
+class Module:
+    """Base class of lorac layers, mirroring torch.nn.Module's bookkeeping."""
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    # -- registration ---------------------------------------------------
+    def __setattr__(self, name, value):
+        params = self.__dict__.get("_parameters")
+        modules = self.__dict__.get("_modules")
+        if params is None:
+            raise AttributeError(f"call Module.__init__() before assigning attributes ({name!r})")
+        if isinstance(value, Parameter):
+            modules.pop(name, None)
+            self.__dict__.pop(name, None)
+            params[name] = value
+        elif isinstance(value, Module):
+            params.pop(name, None)
+            self.__dict__.pop(name, None)
+            modules[name] = value
+        elif name in params:
+            if value is not None:
+                raise TypeError(f"cannot assign {type(value).__name__} as parameter {name!r} "
+                                "(expected a lorac.Parameter or None)")
+            params[name] = None
+        elif name in modules:
+            if value is not None:
+                raise TypeError(f"cannot assign {type(value).__name__} as child module {name!r} "
+                                "(expected a lorac.Module or None)")
+            modules[name] = None
+        else:
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name):
+        d = self.__dict__
+        if "_parameters" in d and name in d["_parameters"]:
+            return d["_parameters"][name]
+        if "_modules" in d and name in d["_modules"]:
+            return d["_modules"][name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __delattr__(self, name):
+        if name in self._parameters:
+            del self._parameters[name]
+        elif name in self._modules:
+            del self._modules[name]
+        else:
+            object.__delattr__(self, name)
+
+    def register_parameter(self, name, param):
+        if param is not None and not isinstance(param, Parameter):
+            raise TypeError(f"register_parameter({name!r}): expected a lorac.Parameter or None, "
+                            f"got {type(param).__name__}")
+        self.__dict__.pop(name, None)
+        self._modules.pop(name, None)
+        self._parameters[name] = param
+
+    def add_module(self, name, module):
+        if module is not None and not isinstance(module, Module):
+            raise TypeError(f"add_module({name!r}): expected a lorac.Module or None, got {type(module).__name__}")
+        self.__dict__.pop(name, None)
+        self._parameters.pop(name, None)
+        self._modules[name] = module
+
+    # -- traversal ------------------------------------------------------
+    def named_children(self):
+        for name, module in self._modules.items():
+            if module is not None:
+                yield name, module
+
+    def children(self):
+        for _, module in self.named_children():
+            yield module
+
+    def named_modules(self, prefix="", _memo=None):
+        memo = set() if _memo is None else _memo
+        if id(self) in memo:
+            return
+        memo.add(id(self))
+        yield prefix, self
+        for name, child in self.named_children():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name, memo)
+
+    def modules(self):
+        for _, module in self.named_modules():
+            yield module
+
+    def named_parameters(self, prefix="", recurse=True):
+        seen = set()
+        modules = self.named_modules(prefix) if recurse else [(prefix, self)]
+        for module_prefix, module in modules:
+            for name, param in module._parameters.items():
+                if param is None or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                yield (f"{module_prefix}.{name}" if module_prefix else name), param
+
+    def parameters(self, recurse=True):
+        for _, param in self.named_parameters(recurse=recurse):
+            yield param
+
+    # -- state dicts ----------------------------------------------------
+    def _state_items(self):
+        """(local name, array) of this module's own state, in registration order.
+
+        The arrays are the live parameter data (like torch's detached tensors);
+        layers whose stored weight differs from the canonical one (a merged
+        LoRA layer) override this."""
+        for name, param in self._parameters.items():
+            if param is not None:
+                yield name, param.data
+
+    def _load_state_items(self, values):
+        """Copy already validated arrays {local name: array} into this module."""
+        for name, value in values.items():
+            np.copyto(self._parameters[name].data, value, casting="unsafe")
+
+    def state_dict(self, prefix=""):
+        """OrderedDict of dotted name -> ndarray for every parameter (torch's keys)."""
+        out = OrderedDict()
+        for module_prefix, module in self.named_modules():
+            full = prefix + (module_prefix + "." if module_prefix else "")
+            for name, value in module._state_items():
+                out[full + name] = value
+        return out
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load arrays by name; all-or-nothing.
+
+        Every value is checked (shape, numeric dtype) before anything is
+        written, so a failed load leaves the model unchanged.  strict=True
+        raises StateDictKeyError (a KeyError) listing missing and unexpected keys; strict=False
+        loads what matches and returns ``IncompatibleKeys(missing_keys,
+        unexpected_keys)``.  A shape mismatch always raises ValueError naming
+        the key, the expected and the found shape.
+        """
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict must be a mapping of str -> array, got {type(state_dict).__name__}")
+        targets = {}  # full key -> (module, local name, Parameter)
+        for module_prefix, module in self.named_modules():
+            for name, param in module._parameters.items():
+                if param is not None:
+                    key = f"{module_prefix}.{name}" if module_prefix else name
+                    targets.setdefault(key, (module, name, param))
+        missing = [k for k in targets if k not in state_dict]
+        unexpected = [k for k in state_dict.keys() if k not in targets]
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append("missing keys: " + ", ".join(repr(k) for k in missing))
+            if unexpected:
+                parts.append("unexpected keys: " + ", ".join(repr(k) for k in unexpected))
+            raise StateDictKeyError(f"Error(s) in loading state_dict for {type(self).__name__}: "
+                                    + "; ".join(parts), missing, unexpected)
+
+        per_module = OrderedDict()
+        for key, (module, name, param) in targets.items():
+            if key not in state_dict:
+                continue
+            value = _checked_value(key, state_dict[key], param)
+            per_module.setdefault(id(module), (module, {}))[1][name] = value
+        for module, values in per_module.values():
+            module._load_state_items(values)
+        return IncompatibleKeys(missing, unexpected)
+
+    # -- modes and gradients ---------------------------------------------
+    def train(self, mode=True):
+        object.__setattr__(self, "training", bool(mode))
+        for child in self.children():
+            child.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self, set_to_none=True):
+        for param in self.parameters():
+            if param.grad is not None:
+                if set_to_none:
+                    param.grad = None
+                else:
+                    param.grad[...] = 0
+
+    def requires_grad_(self, requires_grad=True):
+        for param in self.parameters():
+            param.requires_grad = bool(requires_grad)
+        return self
+
+    # -- calling --------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} does not define forward()")
+
+    def backward(self, grad_output):
+        raise NotImplementedError(f"{type(self).__name__} does not define backward()")
+
+    # -- printing -------------------------------------------------------
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        lines = [f"({name}): " + repr(child).replace("\n", "\n  ") for name, child in self.named_children()]
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        if not lines:
+            return head + ")"
+        return head + "\n  " + "\n  ".join(lines) + "\n)"
+
+
+def _checked_value(key, value, param):
+    """value as an ndarray that can be copied into `param`, or ValueError/TypeError."""
+    if isinstance(value, Parameter):
+        value = value.data
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # noqa: BLE001 - report any conversion failure uniformly
+        raise TypeError(f"state_dict[{key!r}]: expected an array, got {type(value).__name__} ({exc})") from None
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"state_dict[{key!r}]: expected a numeric array, got dtype {arr.dtype}")
+    if arr.shape != param.shape:
+        raise ValueError(f"state_dict[{key!r}]: size mismatch, expected shape {param.shape}, "
+                         f"found shape {arr.shape}")
+    return arr
