@@ -22,6 +22,13 @@
 #include "blas.h"
 #include "blas_info.h"
 #include "lora_linear.h"
+#include "lora_embedding.h"     /* ---- Embedding ---- */
+#include "lora_merged_linear.h" /* ---- MergedLinear ---- */
+/* training toolkit (issue 5) */
+#include "activation.h"
+#include "layernorm.h"
+#include "loss.h"
+#include "optim.h"
 
 /* ------------------------------------------------------------------------ */
 /* Validation helpers                                                        */
@@ -43,6 +50,7 @@ static const char *dtype_name(int typenum)
     case NPY_FLOAT32: return "float32";
     case NPY_FLOAT64: return "float64";
     case NPY_UINT8: return "uint8";
+    case NPY_INT64: return "int64";
     default: return "?";
     }
 }
@@ -74,6 +82,10 @@ static int kernel_layout_ok(PyArrayObject *arr, ptrdiff_t *ld)
     if (!PyArray_ISALIGNED(arr) || !PyArray_ISNOTSWAPPED(arr))
         return 0;
     const npy_intp cols = ndim == 2 ? dims[1] : (ndim == 1 ? dims[0] : 1);
+    if (PyArray_SIZE(arr) == 0) { /* empty: strides are meaningless (often 0) */
+        *ld = cols > 0 ? cols : 1;
+        return *ld <= LORAC_BLAS_INT_MAX;
+    }
     if (cols > 1 && strides[ndim - 1] != item)
         return 0;
     *ld = cols > 0 ? cols : 1;
@@ -496,6 +508,1233 @@ fail:
     return NULL;
 }
 
+/* ======================================================================== */
+/* Training toolkit (issue 5): optimizers, losses, activations, LayerNorm    */
+/* Kernels: optim.h, loss.h, activation.h, layernorm.h.                      */
+/* ======================================================================== */
+
+/* The float dtype of `obj`, which must be an ndarray of `ndim` dimensions. */
+static int train_float_typenum(const char *func, const char *name, PyObject *obj, int ndim, int *typenum)
+{
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s(): '%s' must be a numpy.ndarray of dtype float32 or float64, got %s",
+                     func, name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    int t = PyArray_TYPE((PyArrayObject *)obj);
+    if (t != NPY_FLOAT32 && t != NPY_FLOAT64) {
+        PyObject *got = PyObject_Str((PyObject *)PyArray_DESCR((PyArrayObject *)obj));
+        PyErr_Format(PyExc_TypeError, "%s(): '%s' must have dtype float32 or float64, got %S", func, name,
+                     got ? got : Py_None);
+        Py_XDECREF(got);
+        return -1;
+    }
+    if (PyArray_NDIM((PyArrayObject *)obj) != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s(): '%s' must be %d-D, got %d-D", func, name, ndim,
+                     PyArray_NDIM((PyArrayObject *)obj));
+        return -1;
+    }
+    *typenum = t;
+    return 0;
+}
+
+/* A finite hyper-parameter in [lo, hi) (hi_open) or [lo, hi]. */
+static int check_range(const char *func, const char *name, double v, double lo, double hi, int hi_open)
+{
+    if (check_finite(func, name, v) < 0)
+        return -1;
+    if (v < lo || (hi_open ? v >= hi : v > hi)) { /* PyErr_Format has no %g */
+        char msg[160];
+        PyOS_snprintf(msg, sizeof msg, "must be in [%g, %g%s, got %g", lo, hi, hi_open ? ")" : "]", v);
+        PyErr_Format(PyExc_ValueError, "%s(): '%s' %s", func, name, msg);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *new_vector(int typenum, npy_intp n)
+{
+    npy_intp dims[1] = {n};
+    return PyArray_EMPTY(1, dims, typenum, 0);
+}
+
+/* -- optimizers ----------------------------------------------------------- */
+
+PyDoc_STRVAR(sgd_step_doc,
+"sgd_step(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov,\n"
+"         maximize, init_buffer) -> None\n\n"
+"One fused torch.optim.SGD update of param (n,) in place from grad (n,).\n"
+"momentum_buffer (n,) is updated in place; it must be None exactly when momentum == 0.\n"
+"init_buffer: first step (the buffer is set to the gradient).");
+
+static PyObject *py_sgd_step(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "sgd_step";
+    static char *kwlist[] = {"param", "grad", "momentum_buffer", "lr", "momentum", "dampening",
+                             "weight_decay", "nesterov", "maximize", "init_buffer", NULL};
+    PyObject *param_obj, *grad_obj, *buf_obj;
+    double lr, momentum, dampening, weight_decay;
+    int nesterov, maximize, init_buffer;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOddddppp:sgd_step", kwlist, &param_obj, &grad_obj,
+                                     &buf_obj, &lr, &momentum, &dampening, &weight_decay, &nesterov,
+                                     &maximize, &init_buffer))
+        return NULL;
+    if (check_finite(func, "lr", lr) < 0 || check_finite(func, "momentum", momentum) < 0 ||
+        check_finite(func, "dampening", dampening) < 0 || check_finite(func, "weight_decay", weight_decay) < 0)
+        return NULL;
+    if ((buf_obj == Py_None) != (momentum == 0)) {
+        char got[64];
+        PyOS_snprintf(got, sizeof got, "momentum=%g, got %s", momentum, buf_obj == Py_None ? "None" : "an array");
+        PyErr_Format(PyExc_ValueError, "%s(): 'momentum_buffer' must be None exactly when momentum == 0 (%s)",
+                     func, got);
+        return NULL;
+    }
+    int typenum;
+    if (train_float_typenum(func, "param", param_obj, 1, &typenum) < 0)
+        return NULL;
+    npy_intp shape[1] = {PyArray_DIMS((PyArrayObject *)param_obj)[0]};
+    KArray p = {0}, g = {0}, buf = {0};
+    if (get_array(func, "param", param_obj, typenum, 1, shape, "(n,)", INOUT_ARRAY, &p) < 0 ||
+        get_array(func, "grad", grad_obj, typenum, 1, shape, "(n,)", IN_ARRAY, &g) < 0 ||
+        get_optional_array(func, "momentum_buffer", buf_obj, typenum, 1, shape, "(n,)", INOUT_ARRAY, &buf) < 0)
+        goto fail;
+    SgdHyper h = {.lr = lr, .momentum = momentum, .dampening = dampening, .weight_decay = weight_decay,
+                  .nesterov = nesterov, .maximize = maximize, .init_buffer = init_buffer};
+    Py_BEGIN_ALLOW_THREADS
+    if (typenum == NPY_FLOAT32)
+        lorac_sgd_step_f32(shape[0], PyArray_DATA(p.arr), data_or_null(&g), data_or_null(&buf), &h);
+    else
+        lorac_sgd_step_f64(shape[0], PyArray_DATA(p.arr), data_or_null(&g), data_or_null(&buf), &h);
+    Py_END_ALLOW_THREADS
+    karray_release(&p), karray_release(&g), karray_release(&buf);
+    Py_RETURN_NONE;
+fail:
+    karray_release(&p), karray_release(&g), karray_release(&buf);
+    return NULL;
+}
+
+PyDoc_STRVAR(adam_step_doc,
+"adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps,\n"
+"          weight_decay, decoupled, amsgrad, maximize) -> None\n\n"
+"One fused torch.optim.Adam (decoupled=False) or AdamW (decoupled=True) update of\n"
+"param (n,) in place from grad (n,); exp_avg, exp_avg_sq (and max_exp_avg_sq, which\n"
+"must be an array exactly when amsgrad) are (n,) and updated in place.  step >= 1 is\n"
+"the number of the step being taken (bias correction 1 - beta^step).");
+
+static PyObject *py_adam_step(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "adam_step";
+    static char *kwlist[] = {"param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step", "lr",
+                             "beta1", "beta2", "eps", "weight_decay", "decoupled", "amsgrad", "maximize",
+                             NULL};
+    PyObject *param_obj, *grad_obj, *m_obj, *v_obj, *vmax_obj;
+    long long step;
+    double lr, beta1, beta2, eps, weight_decay;
+    int decoupled, amsgrad, maximize;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOLdddddppp:adam_step", kwlist, &param_obj, &grad_obj,
+                                     &m_obj, &v_obj, &vmax_obj, &step, &lr, &beta1, &beta2, &eps,
+                                     &weight_decay, &decoupled, &amsgrad, &maximize))
+        return NULL;
+    if (step < 1) {
+        PyErr_Format(PyExc_ValueError, "%s(): 'step' must be >= 1, got %lld", func, step);
+        return NULL;
+    }
+    if (check_finite(func, "lr", lr) < 0 || check_range(func, "beta1", beta1, 0, 1, 1) < 0 ||
+        check_range(func, "beta2", beta2, 0, 1, 1) < 0 || check_finite(func, "eps", eps) < 0 ||
+        check_finite(func, "weight_decay", weight_decay) < 0)
+        return NULL;
+    if ((vmax_obj == Py_None) == amsgrad) {
+        PyErr_Format(PyExc_ValueError, "%s(): 'max_exp_avg_sq' must be an array exactly when amsgrad "
+                     "(amsgrad=%s, got %s)", func, amsgrad ? "True" : "False",
+                     vmax_obj == Py_None ? "None" : "an array");
+        return NULL;
+    }
+    int typenum;
+    if (train_float_typenum(func, "param", param_obj, 1, &typenum) < 0)
+        return NULL;
+    npy_intp shape[1] = {PyArray_DIMS((PyArrayObject *)param_obj)[0]};
+    KArray p = {0}, g = {0}, m = {0}, v = {0}, vmax = {0};
+    if (get_array(func, "param", param_obj, typenum, 1, shape, "(n,)", INOUT_ARRAY, &p) < 0 ||
+        get_array(func, "grad", grad_obj, typenum, 1, shape, "(n,)", IN_ARRAY, &g) < 0 ||
+        get_array(func, "exp_avg", m_obj, typenum, 1, shape, "(n,)", INOUT_ARRAY, &m) < 0 ||
+        get_array(func, "exp_avg_sq", v_obj, typenum, 1, shape, "(n,)", INOUT_ARRAY, &v) < 0 ||
+        get_optional_array(func, "max_exp_avg_sq", vmax_obj, typenum, 1, shape, "(n,)", INOUT_ARRAY, &vmax) < 0)
+        goto fail;
+    AdamHyper h = {.lr = lr, .beta1 = beta1, .beta2 = beta2, .eps = eps, .weight_decay = weight_decay,
+                   .step = (int64_t)step, .decoupled = decoupled, .amsgrad = amsgrad, .maximize = maximize};
+    Py_BEGIN_ALLOW_THREADS
+    if (typenum == NPY_FLOAT32)
+        lorac_adam_step_f32(shape[0], PyArray_DATA(p.arr), data_or_null(&g), PyArray_DATA(m.arr),
+                            PyArray_DATA(v.arr), data_or_null(&vmax), &h);
+    else
+        lorac_adam_step_f64(shape[0], PyArray_DATA(p.arr), data_or_null(&g), PyArray_DATA(m.arr),
+                            PyArray_DATA(v.arr), data_or_null(&vmax), &h);
+    Py_END_ALLOW_THREADS
+    karray_release(&p), karray_release(&g), karray_release(&m), karray_release(&v), karray_release(&vmax);
+    Py_RETURN_NONE;
+fail:
+    karray_release(&p), karray_release(&g), karray_release(&m), karray_release(&v), karray_release(&vmax);
+    return NULL;
+}
+
+/* -- losses --------------------------------------------------------------- */
+
+/* Every target must be ignore_index or a class in [0, c). */
+static int check_targets(const char *func, const KArray *target, npy_intp c, long long ignore_index)
+{
+    const npy_intp n = PyArray_DIMS(target->arr)[0];
+    const int64_t *t = PyArray_DATA(target->arr);
+    for (npy_intp i = 0; i < n; i++) {
+        if (t[i] != ignore_index && (t[i] < 0 || t[i] >= c)) {
+            PyErr_Format(PyExc_ValueError, "%s(): 'target' must hold class indices in [0, %lld) or "
+                         "ignore_index=%lld, got %lld at position %lld", func, (long long)c, ignore_index,
+                         (long long)t[i], (long long)i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Validated operands of a cross-entropy call: logits (N, C), target (N,). */
+typedef struct {
+    int typenum;
+    npy_intp n, c;
+    KArray logits, target;
+} CrossEntropyOperands;
+
+static void ce_operands_release(CrossEntropyOperands *op)
+{
+    karray_release(&op->logits);
+    karray_release(&op->target);
+}
+
+static int ce_operands_parse(const char *func, PyObject *logits, PyObject *target, long long ignore_index,
+                             CrossEntropyOperands *op)
+{
+    memset(op, 0, sizeof *op);
+    if (train_float_typenum(func, "logits", logits, 2, &op->typenum) < 0)
+        return -1;
+    const npy_intp *dims = PyArray_DIMS((PyArrayObject *)logits);
+    op->n = dims[0];
+    op->c = dims[1];
+    npy_intp lshape[2] = {op->n, op->c}, tshape[1] = {op->n};
+    if (get_array(func, "logits", logits, op->typenum, 2, lshape, "(N, C)", IN_ARRAY, &op->logits) < 0 ||
+        get_array(func, "target", target, NPY_INT64, 1, tshape, "(N,)", IN_ARRAY, &op->target) < 0 ||
+        check_targets(func, &op->target, op->c, ignore_index) < 0) {
+        ce_operands_release(op);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(cross_entropy_forward_doc,
+"cross_entropy_forward(logits, target, ignore_index) -> (loss, lse, total, count)\n\n"
+"logits (N, C) float, target (N,) int64 class indices (or ignore_index).\n"
+"loss (N,) = logsumexp(logits_i) - logits_i,target_i (0 where ignored), lse (N,) float64\n"
+"the row log-sum-exps (kept for backward), total = sum of loss (float, accumulated in\n"
+"double), count = number of rows not ignored.");
+
+static PyObject *py_cross_entropy_forward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "cross_entropy_forward";
+    static char *kwlist[] = {"logits", "target", "ignore_index", NULL};
+    PyObject *logits, *target;
+    long long ignore_index;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOL:cross_entropy_forward", kwlist, &logits, &target,
+                                     &ignore_index))
+        return NULL;
+    CrossEntropyOperands op;
+    if (ce_operands_parse(func, logits, target, ignore_index, &op) < 0)
+        return NULL;
+    PyObject *loss = new_vector(op.typenum, op.n), *lse = new_vector(NPY_FLOAT64, op.n);
+    if (!loss || !lse)
+        goto fail;
+    double total = 0;
+    ptrdiff_t count;
+    const void *x = PyArray_DATA(op.logits.arr);
+    const int64_t *t = PyArray_DATA(op.target.arr);
+    void *loss_data = PyArray_DATA((PyArrayObject *)loss), *lse_data = PyArray_DATA((PyArrayObject *)lse);
+    Py_BEGIN_ALLOW_THREADS
+    if (op.typenum == NPY_FLOAT32)
+        count = lorac_cross_entropy_forward_f32(op.n, op.c, x, op.logits.ld, t, ignore_index, loss_data,
+                                                lse_data, &total);
+    else
+        count = lorac_cross_entropy_forward_f64(op.n, op.c, x, op.logits.ld, t, ignore_index, loss_data,
+                                                lse_data, &total);
+    Py_END_ALLOW_THREADS
+    if (count < 0) { /* cannot happen: check_targets ran first */
+        PyErr_Format(PyExc_ValueError, "%s(): target out of range at position %lld", func,
+                     (long long)(-count - 1));
+        goto fail;
+    }
+    ce_operands_release(&op);
+    return Py_BuildValue("(NNdn)", loss, lse, total, (Py_ssize_t)count);
+fail:
+    Py_XDECREF(loss);
+    Py_XDECREF(lse);
+    ce_operands_release(&op);
+    return NULL;
+}
+
+PyDoc_STRVAR(cross_entropy_backward_doc,
+"cross_entropy_backward(logits, target, lse, ignore_index, scale, grad=None) -> dlogits\n\n"
+"dlogits (N, C) = w_i * (softmax(logits_i) - onehot(target_i)) with\n"
+"w_i = scale * grad_i (grad (N,) or None for 1); rows with target == ignore_index are 0.\n"
+"lse (N,) float64 is what cross_entropy_forward returned for the same logits.");
+
+static PyObject *py_cross_entropy_backward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "cross_entropy_backward";
+    static char *kwlist[] = {"logits", "target", "lse", "ignore_index", "scale", "grad", NULL};
+    PyObject *logits, *target, *lse_obj, *grad_obj = Py_None;
+    long long ignore_index;
+    double scale;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOLd|O:cross_entropy_backward", kwlist, &logits, &target,
+                                     &lse_obj, &ignore_index, &scale, &grad_obj))
+        return NULL;
+    if (check_finite(func, "scale", scale) < 0)
+        return NULL;
+    CrossEntropyOperands op;
+    if (ce_operands_parse(func, logits, target, ignore_index, &op) < 0)
+        return NULL;
+    KArray lse = {0}, grad = {0};
+    PyObject *dlogits = NULL;
+    npy_intp vshape[1] = {op.n};
+    if (get_array(func, "lse", lse_obj, NPY_FLOAT64, 1, vshape, "(N,)", IN_ARRAY, &lse) < 0 ||
+        get_optional_array(func, "grad", grad_obj, op.typenum, 1, vshape, "(N,)", IN_ARRAY, &grad) < 0 ||
+        !(dlogits = new_matrix(op.typenum, op.n, op.c)))
+        goto fail;
+    const ptrdiff_t ldd = op.c > 0 ? op.c : 1;
+    const void *x = PyArray_DATA(op.logits.arr), *lse_data = PyArray_DATA(lse.arr), *g = data_or_null(&grad);
+    const int64_t *t = PyArray_DATA(op.target.arr);
+    void *out = PyArray_DATA((PyArrayObject *)dlogits);
+    Py_BEGIN_ALLOW_THREADS
+    if (op.typenum == NPY_FLOAT32)
+        lorac_cross_entropy_backward_f32(op.n, op.c, x, op.logits.ld, t, ignore_index, lse_data, scale, g,
+                                         out, ldd);
+    else
+        lorac_cross_entropy_backward_f64(op.n, op.c, x, op.logits.ld, t, ignore_index, lse_data, scale, g,
+                                         out, ldd);
+    Py_END_ALLOW_THREADS
+    karray_release(&lse), karray_release(&grad);
+    ce_operands_release(&op);
+    return dlogits;
+fail:
+    Py_XDECREF(dlogits);
+    karray_release(&lse), karray_release(&grad);
+    ce_operands_release(&op);
+    return NULL;
+}
+
+/* Validates pred (n,) and target (n,) of the same float dtype. */
+static int mse_operands_parse(const char *func, PyObject *pred, PyObject *target, int *typenum, KArray *p,
+                              KArray *t)
+{
+    p->arr = t->arr = NULL;
+    if (train_float_typenum(func, "pred", pred, 1, typenum) < 0)
+        return -1;
+    npy_intp shape[1] = {PyArray_DIMS((PyArrayObject *)pred)[0]};
+    if (get_array(func, "pred", pred, *typenum, 1, shape, "(n,)", IN_ARRAY, p) < 0 ||
+        get_array(func, "target", target, *typenum, 1, shape, "(n,)", IN_ARRAY, t) < 0) {
+        karray_release(p), karray_release(t);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(mse_forward_doc,
+"mse_forward(pred, target, elementwise=False) -> (total, squares)\n\n"
+"pred, target (n,) float: total = sum (pred - target)^2 (accumulated in double);\n"
+"squares (n,) = (pred - target)^2 when elementwise, else None.");
+
+static PyObject *py_mse_forward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "mse_forward";
+    static char *kwlist[] = {"pred", "target", "elementwise", NULL};
+    PyObject *pred, *target;
+    int elementwise = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|p:mse_forward", kwlist, &pred, &target, &elementwise))
+        return NULL;
+    int typenum;
+    KArray p, t;
+    if (mse_operands_parse(func, pred, target, &typenum, &p, &t) < 0)
+        return NULL;
+    const npy_intp n = PyArray_DIMS(p.arr)[0];
+    PyObject *squares = elementwise ? new_vector(typenum, n) : (Py_INCREF(Py_None), Py_None);
+    if (!squares) {
+        karray_release(&p), karray_release(&t);
+        return NULL;
+    }
+    void *out = elementwise ? PyArray_DATA((PyArrayObject *)squares) : NULL;
+    double total;
+    Py_BEGIN_ALLOW_THREADS
+    if (typenum == NPY_FLOAT32)
+        total = lorac_mse_forward_f32(n, PyArray_DATA(p.arr), PyArray_DATA(t.arr), out);
+    else
+        total = lorac_mse_forward_f64(n, PyArray_DATA(p.arr), PyArray_DATA(t.arr), out);
+    Py_END_ALLOW_THREADS
+    karray_release(&p), karray_release(&t);
+    return Py_BuildValue("(dN)", total, squares);
+}
+
+PyDoc_STRVAR(mse_backward_doc,
+"mse_backward(pred, target, scale, grad=None) -> dpred\n\n"
+"dpred (n,) = scale * 2 (pred - target) * grad (grad (n,) or None for 1).");
+
+static PyObject *py_mse_backward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "mse_backward";
+    static char *kwlist[] = {"pred", "target", "scale", "grad", NULL};
+    PyObject *pred, *target, *grad_obj = Py_None;
+    double scale;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOd|O:mse_backward", kwlist, &pred, &target, &scale,
+                                     &grad_obj))
+        return NULL;
+    if (check_finite(func, "scale", scale) < 0)
+        return NULL;
+    int typenum;
+    KArray p, t, grad = {0};
+    if (mse_operands_parse(func, pred, target, &typenum, &p, &t) < 0)
+        return NULL;
+    PyObject *dpred = NULL;
+    npy_intp shape[1] = {PyArray_DIMS(p.arr)[0]};
+    if (get_optional_array(func, "grad", grad_obj, typenum, 1, shape, "(n,)", IN_ARRAY, &grad) < 0 ||
+        !(dpred = new_vector(typenum, shape[0])))
+        goto done;
+    const void *g = data_or_null(&grad);
+    void *out = PyArray_DATA((PyArrayObject *)dpred);
+    Py_BEGIN_ALLOW_THREADS
+    if (typenum == NPY_FLOAT32)
+        lorac_mse_backward_f32(shape[0], PyArray_DATA(p.arr), PyArray_DATA(t.arr), scale, g, out);
+    else
+        lorac_mse_backward_f64(shape[0], PyArray_DATA(p.arr), PyArray_DATA(t.arr), scale, g, out);
+    Py_END_ALLOW_THREADS
+done:
+    karray_release(&p), karray_release(&t), karray_release(&grad);
+    return dpred;
+}
+
+/* -- activations ---------------------------------------------------------- */
+
+/* "relu", "gelu", "gelu_tanh", "tanh" -> kind. */
+static int parse_activation(const char *func, const char *name, LoracActivation *kind)
+{
+    static const struct { const char *name; LoracActivation kind; } table[] = {
+        {"relu", LORAC_ACT_RELU}, {"gelu", LORAC_ACT_GELU},
+        {"gelu_tanh", LORAC_ACT_GELU_TANH}, {"tanh", LORAC_ACT_TANH},
+    };
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
+        if (strcmp(name, table[i].name) == 0) {
+            *kind = table[i].kind;
+            return 0;
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "%s(): 'kind' must be one of 'relu', 'gelu', 'gelu_tanh', 'tanh', "
+                 "got '%s'", func, name);
+    return -1;
+}
+
+PyDoc_STRVAR(activation_forward_doc,
+"activation_forward(kind, x) -> y\n\n"
+"y (n,) = f(x) for x (n,) float; kind: 'relu', 'gelu' (exact, erf), 'gelu_tanh'\n"
+"(torch's approximate='tanh') or 'tanh'.");
+
+static PyObject *py_activation_forward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "activation_forward";
+    static char *kwlist[] = {"kind", "x", NULL};
+    const char *kind_name;
+    PyObject *x_obj;
+    LoracActivation kind;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sO:activation_forward", kwlist, &kind_name, &x_obj) ||
+        parse_activation(func, kind_name, &kind) < 0)
+        return NULL;
+    int typenum;
+    if (train_float_typenum(func, "x", x_obj, 1, &typenum) < 0)
+        return NULL;
+    npy_intp shape[1] = {PyArray_DIMS((PyArrayObject *)x_obj)[0]};
+    KArray x;
+    if (get_array(func, "x", x_obj, typenum, 1, shape, "(n,)", IN_ARRAY, &x) < 0)
+        return NULL;
+    PyObject *y = new_vector(typenum, shape[0]);
+    if (y) {
+        const void *xd = PyArray_DATA(x.arr);
+        void *yd = PyArray_DATA((PyArrayObject *)y);
+        Py_BEGIN_ALLOW_THREADS
+        if (typenum == NPY_FLOAT32)
+            lorac_activation_forward_f32(kind, shape[0], xd, yd);
+        else
+            lorac_activation_forward_f64(kind, shape[0], xd, yd);
+        Py_END_ALLOW_THREADS
+    }
+    karray_release(&x);
+    return y;
+}
+
+PyDoc_STRVAR(activation_backward_doc,
+"activation_backward(kind, saved, grad_output) -> grad_input\n\n"
+"grad_input (n,) = grad_output * f'(.) for saved, grad_output (n,) float, where saved\n"
+"is the forward's OUTPUT for 'relu' and 'tanh' and its INPUT for 'gelu', 'gelu_tanh'.");
+
+static PyObject *py_activation_backward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "activation_backward";
+    static char *kwlist[] = {"kind", "saved", "grad_output", NULL};
+    const char *kind_name;
+    PyObject *saved_obj, *g_obj;
+    LoracActivation kind;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOO:activation_backward", kwlist, &kind_name, &saved_obj,
+                                     &g_obj) ||
+        parse_activation(func, kind_name, &kind) < 0)
+        return NULL;
+    int typenum;
+    if (train_float_typenum(func, "saved", saved_obj, 1, &typenum) < 0)
+        return NULL;
+    npy_intp shape[1] = {PyArray_DIMS((PyArrayObject *)saved_obj)[0]};
+    KArray saved = {0}, g = {0};
+    PyObject *dx = NULL;
+    if (get_array(func, "saved", saved_obj, typenum, 1, shape, "(n,)", IN_ARRAY, &saved) < 0 ||
+        get_array(func, "grad_output", g_obj, typenum, 1, shape, "(n,)", IN_ARRAY, &g) < 0 ||
+        !(dx = new_vector(typenum, shape[0])))
+        goto done;
+    const void *sd = PyArray_DATA(saved.arr), *gd = PyArray_DATA(g.arr);
+    void *out = PyArray_DATA((PyArrayObject *)dx);
+    Py_BEGIN_ALLOW_THREADS
+    if (typenum == NPY_FLOAT32)
+        lorac_activation_backward_f32(kind, shape[0], sd, gd, out);
+    else
+        lorac_activation_backward_f64(kind, shape[0], sd, gd, out);
+    Py_END_ALLOW_THREADS
+done:
+    karray_release(&saved), karray_release(&g);
+    return dx;
+}
+
+/* -- LayerNorm ------------------------------------------------------------ */
+
+PyDoc_STRVAR(layernorm_forward_doc,
+"layernorm_forward(x, weight, bias, eps) -> (y, mean, rstd)\n\n"
+"LayerNorm over the last dimension of x (N, D): y (N, D) = (x - mean) * rstd * weight\n"
+"+ bias with weight, bias (D,) or None; mean, rstd (N,) are kept for backward.");
+
+static PyObject *py_layernorm_forward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "layernorm_forward";
+    static char *kwlist[] = {"x", "weight", "bias", "eps", NULL};
+    PyObject *x_obj, *w_obj, *b_obj;
+    double eps;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOd:layernorm_forward", kwlist, &x_obj, &w_obj, &b_obj,
+                                     &eps))
+        return NULL;
+    if (check_range(func, "eps", eps, 0, INFINITY, 1) < 0)
+        return NULL;
+    int typenum;
+    if (train_float_typenum(func, "x", x_obj, 2, &typenum) < 0)
+        return NULL;
+    const npy_intp n = PyArray_DIMS((PyArrayObject *)x_obj)[0], d = PyArray_DIMS((PyArrayObject *)x_obj)[1];
+    npy_intp xshape[2] = {n, d}, dshape[1] = {d};
+    KArray x = {0}, w = {0}, b = {0};
+    PyObject *y = NULL, *mean = NULL, *rstd = NULL;
+    if (get_array(func, "x", x_obj, typenum, 2, xshape, "(N, D)", IN_ARRAY, &x) < 0 ||
+        get_optional_array(func, "weight", w_obj, typenum, 1, dshape, "(D,)", IN_ARRAY, &w) < 0 ||
+        get_optional_array(func, "bias", b_obj, typenum, 1, dshape, "(D,)", IN_ARRAY, &b) < 0 ||
+        !(y = new_matrix(typenum, n, d)) || !(mean = new_vector(typenum, n)) || !(rstd = new_vector(typenum, n)))
+        goto fail;
+    const void *xd = PyArray_DATA(x.arr), *wd = data_or_null(&w), *bd = data_or_null(&b);
+    void *yd = PyArray_DATA((PyArrayObject *)y), *md = PyArray_DATA((PyArrayObject *)mean);
+    void *rd = PyArray_DATA((PyArrayObject *)rstd);
+    const ptrdiff_t ldy = d > 0 ? d : 1;
+    Py_BEGIN_ALLOW_THREADS
+    if (typenum == NPY_FLOAT32)
+        lorac_layernorm_forward_f32(n, d, eps, xd, x.ld, wd, bd, yd, ldy, md, rd);
+    else
+        lorac_layernorm_forward_f64(n, d, eps, xd, x.ld, wd, bd, yd, ldy, md, rd);
+    Py_END_ALLOW_THREADS
+    karray_release(&x), karray_release(&w), karray_release(&b);
+    return Py_BuildValue("(NNN)", y, mean, rstd);
+fail:
+    Py_XDECREF(y), Py_XDECREF(mean), Py_XDECREF(rstd);
+    karray_release(&x), karray_release(&w), karray_release(&b);
+    return NULL;
+}
+
+PyDoc_STRVAR(layernorm_backward_doc,
+"layernorm_backward(grad_output, x, weight, mean, rstd, need_input_grad=True,\n"
+"                   grad_weight=None, grad_bias=None) -> grad_input or None\n\n"
+"Backward of layernorm_forward for grad_output (N, D).  grad_weight, grad_bias (D,)\n"
+"are None (frozen: nothing computed) or accumulated in place.");
+
+static PyObject *py_layernorm_backward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "layernorm_backward";
+    static char *kwlist[] = {"grad_output", "x", "weight", "mean", "rstd", "need_input_grad", "grad_weight",
+                             "grad_bias", NULL};
+    PyObject *g_obj, *x_obj, *w_obj, *m_obj, *r_obj, *gw_obj = Py_None, *gb_obj = Py_None;
+    int need_input_grad = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|pOO:layernorm_backward", kwlist, &g_obj, &x_obj,
+                                     &w_obj, &m_obj, &r_obj, &need_input_grad, &gw_obj, &gb_obj))
+        return NULL;
+    int typenum;
+    if (train_float_typenum(func, "x", x_obj, 2, &typenum) < 0)
+        return NULL;
+    const npy_intp n = PyArray_DIMS((PyArrayObject *)x_obj)[0], d = PyArray_DIMS((PyArrayObject *)x_obj)[1];
+    npy_intp xshape[2] = {n, d}, dshape[1] = {d}, nshape[1] = {n};
+    KArray g = {0}, x = {0}, w = {0}, m = {0}, r = {0}, gw = {0}, gb = {0};
+    PyObject *dx = NULL;
+    if (get_array(func, "x", x_obj, typenum, 2, xshape, "(N, D)", IN_ARRAY, &x) < 0 ||
+        get_array(func, "grad_output", g_obj, typenum, 2, xshape, "(N, D)", IN_ARRAY, &g) < 0 ||
+        get_optional_array(func, "weight", w_obj, typenum, 1, dshape, "(D,)", IN_ARRAY, &w) < 0 ||
+        get_array(func, "mean", m_obj, typenum, 1, nshape, "(N,)", IN_ARRAY, &m) < 0 ||
+        get_array(func, "rstd", r_obj, typenum, 1, nshape, "(N,)", IN_ARRAY, &r) < 0 ||
+        get_optional_array(func, "grad_weight", gw_obj, typenum, 1, dshape, "(D,)", INOUT_ARRAY, &gw) < 0 ||
+        get_optional_array(func, "grad_bias", gb_obj, typenum, 1, dshape, "(D,)", INOUT_ARRAY, &gb) < 0)
+        goto done;
+    if (need_input_grad && !(dx = new_matrix(typenum, n, d)))
+        goto done;
+    const void *gd = PyArray_DATA(g.arr), *xd = PyArray_DATA(x.arr), *wd = data_or_null(&w);
+    const void *md = PyArray_DATA(m.arr), *rd = PyArray_DATA(r.arr);
+    void *dxd = dx ? PyArray_DATA((PyArrayObject *)dx) : NULL, *gwd = data_or_null(&gw), *gbd = data_or_null(&gb);
+    const ptrdiff_t lddx = d > 0 ? d : 1;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    if (typenum == NPY_FLOAT32)
+        status = lorac_layernorm_backward_f32(n, d, gd, g.ld, xd, x.ld, wd, md, rd, dxd, lddx, gwd, gbd);
+    else
+        status = lorac_layernorm_backward_f64(n, d, gd, g.ld, xd, x.ld, wd, md, rd, dxd, lddx, gwd, gbd);
+    Py_END_ALLOW_THREADS
+    if (status != 0) {
+        PyErr_NoMemory();
+        Py_CLEAR(dx);
+        goto done;
+    }
+    if (!dx) {
+        Py_INCREF(Py_None);
+        dx = Py_None;
+    }
+done:
+    karray_release(&g), karray_release(&x), karray_release(&w), karray_release(&m), karray_release(&r);
+    karray_release(&gw), karray_release(&gb);
+    return dx;
+}
+
+/* ======================== end of training toolkit ======================== */
+
+/* ------------------------------------------------------------------------ */
+/* ---- Embedding ----                                                       */
+/* ------------------------------------------------------------------------ */
+
+_Static_assert(sizeof(npy_intp) == sizeof(ptrdiff_t), "kernels read indices as ptrdiff_t");
+
+/* Indices of any shape and integer dtype -> a C-contiguous intp array (a copy
+ * only when needed), every entry checked to lie in [0, num) before any kernel
+ * runs.  TypeError for non-integer dtypes (bool included), IndexError for an
+ * index out of range.  *count gets the number of indices. */
+static int get_indices(const char *func, PyObject *obj, npy_intp num, PyArrayObject **out, npy_intp *count)
+{
+    *out = NULL;
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s(): 'indices' must be a numpy.ndarray of an integer dtype, got %s",
+                     func, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    if (!PyArray_ISINTEGER(arr)) {
+        PyObject *got = PyObject_Str((PyObject *)PyArray_DESCR(arr));
+        PyErr_Format(PyExc_TypeError, "%s(): 'indices' must have an integer dtype, got %S", func,
+                     got ? got : Py_None);
+        Py_XDECREF(got);
+        return -1;
+    }
+    /* uint64 entries >= 2**63 turn negative in intp: print those unsigned */
+    const int wide_unsigned = PyArray_ISUNSIGNED(arr) && PyArray_ITEMSIZE(arr) >= (int)sizeof(npy_intp);
+    PyArrayObject *idx = (PyArrayObject *)PyArray_FROMANY(obj, NPY_INTP, 0, 0,
+                                                          NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED |
+                                                              NPY_ARRAY_FORCECAST);
+    if (!idx)
+        return -1;
+    const npy_intp n = PyArray_SIZE(idx);
+    if (n > LORAC_BLAS_INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s(): 'indices' has %lld entries; BLAS's 32-bit integers allow at most %d",
+                     func, (long long)n, LORAC_BLAS_INT_MAX);
+        Py_DECREF(idx);
+        return -1;
+    }
+    const npy_intp *v = PyArray_DATA(idx);
+    for (npy_intp i = 0; i < n; i++) {
+        if (v[i] < 0 || v[i] >= num) {
+            if (wide_unsigned && v[i] < 0)
+                PyErr_Format(PyExc_IndexError,
+                             "%s(): 'indices' must lie in [0, %lld) (num_embeddings), got %llu at flat position %lld",
+                             func, (long long)num, (unsigned long long)v[i], (long long)i);
+            else
+                PyErr_Format(PyExc_IndexError,
+                             "%s(): 'indices' must lie in [0, %lld) (num_embeddings), got %lld at flat position %lld",
+                             func, (long long)num, (long long)v[i], (long long)i);
+            Py_DECREF(idx);
+            return -1;
+        }
+    }
+    *out = idx;
+    *count = n;
+    return 0;
+}
+
+/* Validated operands of a LoRA Embedding call (see lora_embedding.h). */
+typedef struct {
+    int typenum;
+    npy_intp n, num, dim, r;
+    PyArrayObject *idx;
+    KArray w, a, b;
+} EmbeddingOperands;
+
+static void embedding_operands_release(EmbeddingOperands *op)
+{
+    Py_CLEAR(op->idx);
+    karray_release(&op->w);
+    karray_release(&op->a);
+    karray_release(&op->b);
+}
+
+/* Validates weight (num, dim), indices, lora_A (r, num) / lora_B (dim, r). */
+static int embedding_operands_parse(const char *func, PyObject *indices, PyObject *weight, PyObject *lora_a,
+                                    PyObject *lora_b, EmbeddingOperands *op)
+{
+    memset(op, 0, sizeof *op);
+    if (float_typenum(func, "weight", weight, &op->typenum) < 0)
+        return -1;
+    const npy_intp *wd = PyArray_DIMS((PyArrayObject *)weight);
+    op->num = wd[0];
+    op->dim = wd[1];
+    npy_intp wshape[2] = {wd[0], wd[1]};
+    if (get_array(func, "weight", weight, op->typenum, 2, wshape, "(num_embeddings, embedding_dim)", IN_ARRAY,
+                  &op->w) < 0)
+        goto fail;
+    if (get_indices(func, indices, op->num, &op->idx, &op->n) < 0)
+        goto fail;
+    if ((lora_a == Py_None) != (lora_b == Py_None)) {
+        PyErr_Format(PyExc_ValueError, "%s(): 'lora_A' and 'lora_B' must both be arrays or both be None",
+                     func);
+        goto fail;
+    }
+    if (lora_a != Py_None) {
+        npy_intp ashape[2] = {ANY_DIM, op->num};
+        if (get_array(func, "lora_A", lora_a, op->typenum, 2, ashape, "(r, num_embeddings)", IN_ARRAY,
+                      &op->a) < 0)
+            goto fail;
+        op->r = PyArray_DIMS(op->a.arr)[0];
+        npy_intp bshape[2] = {op->dim, op->r};
+        if (get_array(func, "lora_B", lora_b, op->typenum, 2, bshape, "(embedding_dim, r)", IN_ARRAY,
+                      &op->b) < 0)
+            goto fail;
+    }
+    return 0;
+fail:
+    embedding_operands_release(op);
+    return -1;
+}
+
+static LoraEmbedding embedding_kernel_args(const EmbeddingOperands *op, double scaling, npy_intp padding_idx)
+{
+    LoraEmbedding E = {
+        .n = op->n, .num = op->num, .dim = op->dim, .r = op->r,
+        .scaling = scaling, .padding_idx = padding_idx,
+        .idx = PyArray_DATA(op->idx),
+        .w = data_or_null(&op->w), .ldw = op->w.ld,
+        .a = data_or_null(&op->a), .lda = op->a.ld,
+        .b = data_or_null(&op->b), .ldb = op->b.ld,
+    };
+    return E;
+}
+
+PyDoc_STRVAR(embedding_forward_doc,
+"embedding_forward(indices, weight, lora_A, lora_B, scaling) -> (y, u)\n\n"
+"y[i] = W0[idx[i]] + scaling * A[:, idx[i]]^T B^T for the N = indices.size indices\n"
+"(any shape and integer dtype, read flat, each in [0, num_embeddings): IndexError\n"
+"otherwise, before anything is computed), W0 (num_embeddings, embedding_dim),\n"
+"A (r, num_embeddings), B (embedding_dim, r) (both None: no adapter).\n"
+"Returns y (N, embedding_dim) and u = A^T[idx] (N, r) (None without adapter).");
+
+static PyObject *py_embedding_forward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "embedding_forward";
+    static char *kwlist[] = {"indices", "weight", "lora_A", "lora_B", "scaling", NULL};
+    PyObject *indices, *weight, *lora_a, *lora_b;
+    double scaling;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOd:embedding_forward", kwlist, &indices, &weight,
+                                     &lora_a, &lora_b, &scaling))
+        return NULL;
+    if (check_finite(func, "scaling", scaling) < 0)
+        return NULL;
+    EmbeddingOperands op;
+    if (embedding_operands_parse(func, indices, weight, lora_a, lora_b, &op) < 0)
+        return NULL;
+    PyObject *y = new_matrix(op.typenum, op.n, op.dim);
+    PyObject *u = op.a.arr ? new_matrix(op.typenum, op.n, op.r) : (Py_INCREF(Py_None), Py_None);
+    if (!y || !u) {
+        Py_XDECREF(y);
+        Py_XDECREF(u);
+        embedding_operands_release(&op);
+        return NULL;
+    }
+    LoraEmbedding E = embedding_kernel_args(&op, scaling, -1);
+    void *u_data = op.a.arr ? PyArray_DATA((PyArrayObject *)u) : NULL;
+    ptrdiff_t ldu = op.r > 0 ? op.r : 1, ldy = op.dim > 0 ? op.dim : 1;
+    Py_BEGIN_ALLOW_THREADS
+    if (op.typenum == NPY_FLOAT32)
+        lorac_embedding_forward_f32(&E, u_data, ldu, PyArray_DATA((PyArrayObject *)y), ldy);
+    else
+        lorac_embedding_forward_f64(&E, u_data, ldu, PyArray_DATA((PyArrayObject *)y), ldy);
+    Py_END_ALLOW_THREADS
+    embedding_operands_release(&op);
+    return Py_BuildValue("(NN)", y, u);
+}
+
+/* None -> -1; an int in [0, num) -> itself; anything else: TypeError / ValueError. */
+static int parse_padding_idx(const char *func, PyObject *obj, npy_intp num, npy_intp *out)
+{
+    *out = -1;
+    if (obj == Py_None)
+        return 0;
+    if (!PyLong_Check(obj) || PyBool_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s(): 'padding_idx' must be None or an int, got %s", func,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    long long p = PyLong_AsLongLong(obj);
+    if (p == -1 && PyErr_Occurred())
+        return -1;
+    if (p < 0 || p >= num) {
+        PyErr_Format(PyExc_ValueError, "%s(): 'padding_idx' must be None or in [0, %lld), got %lld", func,
+                     (long long)num, p);
+        return -1;
+    }
+    *out = (npy_intp)p;
+    return 0;
+}
+
+PyDoc_STRVAR(embedding_backward_doc,
+"embedding_backward(grad_output, indices, weight, lora_A, lora_B, u, scaling, padding_idx,\n"
+"                   grad_weight, grad_lora_A, grad_lora_B) -> None\n\n"
+"Backward of embedding_forward for grad_output (N, embedding_dim).  Each grad_* is None\n"
+"(frozen: nothing computed) or an array of its parameter's shape, accumulated in place:\n"
+"repeated indices add up; positions equal to padding_idx (None or an int) add nothing\n"
+"to grad_weight or grad_lora_A.  u is the (N, r) array embedding_forward returned.");
+
+static PyObject *py_embedding_backward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "embedding_backward";
+    static char *kwlist[] = {"grad_output", "indices", "weight", "lora_A", "lora_B", "u", "scaling",
+                             "padding_idx", "grad_weight", "grad_lora_A", "grad_lora_B", NULL};
+    PyObject *g_obj, *indices, *weight, *lora_a, *lora_b, *u_obj, *pad_obj = Py_None;
+    PyObject *gw_obj = Py_None, *ga_obj = Py_None, *gb_obj = Py_None;
+    double scaling;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOd|OOOO:embedding_backward", kwlist, &g_obj,
+                                     &indices, &weight, &lora_a, &lora_b, &u_obj, &scaling, &pad_obj, &gw_obj,
+                                     &ga_obj, &gb_obj))
+        return NULL;
+    if (check_finite(func, "scaling", scaling) < 0)
+        return NULL;
+    EmbeddingOperands op;
+    if (embedding_operands_parse(func, indices, weight, lora_a, lora_b, &op) < 0)
+        return NULL;
+    KArray g = {0}, u = {0}, gw = {0}, ga = {0}, gbb = {0};
+    npy_intp padding_idx;
+    const int lora = op.a.arr != NULL;
+    npy_intp gshape[2] = {op.n, op.dim}, ushape[2] = {op.n, op.r};
+    npy_intp wshape[2] = {op.num, op.dim}, ashape[2] = {op.r, op.num}, lbshape[2] = {op.dim, op.r};
+    if (parse_padding_idx(func, pad_obj, op.num, &padding_idx) < 0)
+        goto fail;
+    if (get_array(func, "grad_output", g_obj, op.typenum, 2, gshape, "(N, embedding_dim)", IN_ARRAY, &g) < 0)
+        goto fail;
+    if (lora && get_array(func, "u", u_obj, op.typenum, 2, ushape, "(N, r)", IN_ARRAY, &u) < 0)
+        goto fail;
+    if (get_optional_array(func, "grad_weight", gw_obj, op.typenum, 2, wshape,
+                           "(num_embeddings, embedding_dim)", INOUT_ARRAY, &gw) < 0)
+        goto fail;
+    if (lora && (get_optional_array(func, "grad_lora_A", ga_obj, op.typenum, 2, ashape, "(r, num_embeddings)",
+                                    INOUT_ARRAY, &ga) < 0 ||
+                 get_optional_array(func, "grad_lora_B", gb_obj, op.typenum, 2, lbshape, "(embedding_dim, r)",
+                                    INOUT_ARRAY, &gbb) < 0))
+        goto fail;
+    if (!lora && (ga_obj != Py_None || gb_obj != Py_None)) {
+        PyErr_Format(PyExc_ValueError, "%s(): grad_lora_A/grad_lora_B given but lora_A/lora_B are None", func);
+        goto fail;
+    }
+
+    LoraEmbedding E = embedding_kernel_args(&op, scaling, padding_idx);
+    LoraEmbeddingGrads G = {
+        .dw = data_or_null(&gw), .lddw = gw.ld,
+        .da = data_or_null(&ga), .ldda = ga.ld,
+        .db = data_or_null(&gbb), .lddb = gbb.ld,
+    };
+    const void *u_data = data_or_null(&u);
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    if (op.typenum == NPY_FLOAT32)
+        status = lorac_embedding_backward_f32(&E, u_data, u.ld, data_or_null(&g), g.ld, &G);
+    else
+        status = lorac_embedding_backward_f64(&E, u_data, u.ld, data_or_null(&g), g.ld, &G);
+    Py_END_ALLOW_THREADS
+    if (status != 0) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    karray_release(&g), karray_release(&u), karray_release(&gw), karray_release(&ga), karray_release(&gbb);
+    embedding_operands_release(&op);
+    Py_RETURN_NONE;
+fail:
+    karray_release(&g), karray_release(&u), karray_release(&gw), karray_release(&ga), karray_release(&gbb);
+    embedding_operands_release(&op);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* ---- MergedLinear ----                                                    */
+/* ------------------------------------------------------------------------ */
+
+/* Validated operands of a LoRA MergedLinear call (see lora_merged_linear.h):
+ * the Linear operands without adapter, the groups and the stacked adapter. */
+typedef struct {
+    LinearOperands lin;   /* x, weight, bias, mask; lin.r stays 0 */
+    npy_intp groups, n_enabled, r;
+    ptrdiff_t *enabled;   /* (n_enabled) block indices, malloc'ed */
+    KArray a, b;
+} MergedOperands;
+
+static void merged_operands_release(MergedOperands *op)
+{
+    linear_operands_release(&op->lin);
+    free(op->enabled);
+    op->enabled = NULL;
+    karray_release(&op->a);
+    karray_release(&op->b);
+}
+
+/* enable_lora: a non-empty sequence of bools whose length divides out. */
+static int parse_enable_lora(const char *func, PyObject *obj, npy_intp out, MergedOperands *op)
+{
+    PyObject *seq = PySequence_Fast(obj, "");
+    if (!seq) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s(): 'enable_lora' must be a sequence of bools, got %s", func,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    const Py_ssize_t groups = PySequence_Fast_GET_SIZE(seq);
+    if (groups == 0) {
+        PyErr_Format(PyExc_ValueError, "%s(): 'enable_lora' must be a non-empty sequence of bools, got an empty one",
+                     func);
+        goto fail;
+    }
+    if (out % groups != 0) {
+        PyErr_Format(PyExc_ValueError, "%s(): len(enable_lora) = %zd must divide out_features = %lld", func,
+                     groups, (long long)out);
+        goto fail;
+    }
+    op->enabled = malloc(sizeof(ptrdiff_t) * (size_t)groups);
+    if (!op->enabled) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    op->groups = groups;
+    op->n_enabled = 0;
+    for (Py_ssize_t i = 0; i < groups; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyBool_Check(item) && !PyArray_IsScalar(item, Bool)) {
+            PyErr_Format(PyExc_TypeError, "%s(): 'enable_lora' must be a sequence of bools, got %s at position %zd",
+                         func, Py_TYPE(item)->tp_name, i);
+            goto fail;
+        }
+        if (PyObject_IsTrue(item))
+            op->enabled[op->n_enabled++] = i;
+    }
+    Py_DECREF(seq);
+    return 0;
+fail:
+    Py_DECREF(seq);
+    return -1;
+}
+
+/* Validates x, weight, bias, mask (as Linear), enable_lora, and lora_A
+ * (n_enabled * r, in) / lora_B (n_enabled * out / groups, r) or both None. */
+static int merged_operands_parse(const char *func, PyObject *x, PyObject *weight, PyObject *bias,
+                                 PyObject *lora_a, PyObject *lora_b, PyObject *enable_lora, PyObject *mask,
+                                 int fan_in_fan_out, MergedOperands *op)
+{
+    memset(op, 0, sizeof *op);
+    if (linear_operands_parse(func, x, weight, bias, Py_None, Py_None, mask, fan_in_fan_out, &op->lin) < 0)
+        return -1;
+    const npy_intp in = op->lin.in, out = op->lin.out;
+    if (parse_enable_lora(func, enable_lora, out, op) < 0)
+        goto fail;
+    if ((lora_a == Py_None) != (lora_b == Py_None)) {
+        PyErr_Format(PyExc_ValueError, "%s(): 'lora_A' and 'lora_B' must both be arrays or both be None",
+                     func);
+        goto fail;
+    }
+    if (lora_a == Py_None)
+        return 0;
+    if (op->n_enabled == 0) {
+        PyErr_Format(PyExc_ValueError, "%s(): 'lora_A'/'lora_B' given but enable_lora has no True entry", func);
+        goto fail;
+    }
+    npy_intp ashape[2] = {ANY_DIM, in};
+    if (get_array(func, "lora_A", lora_a, op->lin.typenum, 2, ashape, "(r * n_enabled, in)", IN_ARRAY,
+                  &op->a) < 0)
+        goto fail;
+    const npy_intp rows = PyArray_DIMS(op->a.arr)[0];
+    if (rows % op->n_enabled != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s(): 'lora_A' must have shape (r * n_enabled, in) with n_enabled = %lld, "
+                     "got %lld rows (not a multiple)",
+                     func, (long long)op->n_enabled, (long long)rows);
+        goto fail;
+    }
+    op->r = rows / op->n_enabled;
+    npy_intp bshape[2] = {op->n_enabled * (out / op->groups), op->r};
+    if (get_array(func, "lora_B", lora_b, op->lin.typenum, 2, bshape, "(out / len(enable_lora) * n_enabled, r)",
+                  IN_ARRAY, &op->b) < 0)
+        goto fail;
+    return 0;
+fail:
+    merged_operands_release(op);
+    return -1;
+}
+
+static LoraMergedLinear merged_kernel_args(const MergedOperands *op, int fan_in_fan_out, double scaling,
+                                           double keep_scale)
+{
+    const LinearOperands *lin = &op->lin;
+    LoraMergedLinear M = {
+        .n = lin->n, .in = lin->in, .out = lin->out, .r = op->r,
+        .groups = op->groups, .n_enabled = op->n_enabled, .enabled = op->enabled,
+        .w_in_out = fan_in_fan_out, .scaling = scaling, .keep_scale = keep_scale,
+        .x = data_or_null(&lin->x), .ldx = lin->x.ld,
+        .w = data_or_null(&lin->w), .ldw = lin->w.ld,
+        .bias = data_or_null(&lin->bias),
+        .a = data_or_null(&op->a), .lda = op->a.ld,
+        .b = data_or_null(&op->b), .ldb = op->b.ld,
+        .mask = data_or_null(&lin->mask),
+    };
+    return M;
+}
+
+PyDoc_STRVAR(merged_linear_forward_doc,
+"merged_linear_forward(x, weight, bias, lora_A, lora_B, enable_lora, scaling, fan_in_fan_out,\n"
+"                      mask, keep_scale) -> (y, u)\n\n"
+"loralib's MergedLinear: y = x W0^T + bias, plus for each enabled group g (enable_lora[g]\n"
+"True; out splits into len(enable_lora) blocks of og rows) y[:, block g] += scaling *\n"
+"(drop(x) A_e^T) B_e^T, where e counts the enabled groups, A_e = lora_A[e r:(e+1) r]\n"
+"and B_e = lora_B[e og:(e+1) og].  lora_A (r * n_enabled, in), lora_B\n"
+"(og * n_enabled, r), or both None (no adapter).  mask (N, in) uint8 or None.\n"
+"Returns y (N, out) and u = drop(x) A^T (N, r * n_enabled) (None without adapter).");
+
+static PyObject *py_merged_linear_forward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "merged_linear_forward";
+    static char *kwlist[] = {"x", "weight", "bias", "lora_A", "lora_B", "enable_lora", "scaling",
+                             "fan_in_fan_out", "mask", "keep_scale", NULL};
+    PyObject *x, *weight, *bias, *lora_a, *lora_b, *enable_lora, *mask = Py_None;
+    double scaling, keep_scale = 1.0;
+    int fan_in_fan_out;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOdp|Od:merged_linear_forward", kwlist, &x, &weight,
+                                     &bias, &lora_a, &lora_b, &enable_lora, &scaling, &fan_in_fan_out, &mask,
+                                     &keep_scale))
+        return NULL;
+    if (check_finite(func, "scaling", scaling) < 0 || check_finite(func, "keep_scale", keep_scale) < 0)
+        return NULL;
+    MergedOperands op;
+    if (merged_operands_parse(func, x, weight, bias, lora_a, lora_b, enable_lora, mask, fan_in_fan_out, &op) < 0)
+        return NULL;
+    const int typenum = op.lin.typenum;
+    const npy_intp rank = op.r * op.n_enabled;
+    PyObject *y = new_matrix(typenum, op.lin.n, op.lin.out);
+    PyObject *u = op.a.arr ? new_matrix(typenum, op.lin.n, rank) : (Py_INCREF(Py_None), Py_None);
+    if (!y || !u)
+        goto fail;
+    LoraMergedLinear M = merged_kernel_args(&op, fan_in_fan_out, scaling, keep_scale);
+    void *u_data = op.a.arr ? PyArray_DATA((PyArrayObject *)u) : NULL;
+    ptrdiff_t ldu = rank > 0 ? rank : 1, ldy = op.lin.out > 0 ? op.lin.out : 1;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    if (typenum == NPY_FLOAT32)
+        status = lorac_merged_linear_forward_f32(&M, u_data, ldu, PyArray_DATA((PyArrayObject *)y), ldy);
+    else
+        status = lorac_merged_linear_forward_f64(&M, u_data, ldu, PyArray_DATA((PyArrayObject *)y), ldy);
+    Py_END_ALLOW_THREADS
+    if (status != 0) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    merged_operands_release(&op);
+    return Py_BuildValue("(NN)", y, u);
+fail:
+    Py_XDECREF(y);
+    Py_XDECREF(u);
+    merged_operands_release(&op);
+    return NULL;
+}
+
+PyDoc_STRVAR(merged_linear_backward_doc,
+"merged_linear_backward(grad_output, x, weight, lora_A, lora_B, u, enable_lora, scaling,\n"
+"                       fan_in_fan_out, mask, keep_scale, need_input_grad, grad_weight,\n"
+"                       grad_bias, grad_lora_A, grad_lora_B) -> grad_input or None\n\n"
+"Backward of merged_linear_forward for grad_output (N, out).  Each grad_* is None (frozen:\n"
+"nothing computed) or an array of its parameter's shape, accumulated in place.\n"
+"u is the (N, r * n_enabled) array merged_linear_forward returned.");
+
+static PyObject *py_merged_linear_backward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "merged_linear_backward";
+    static char *kwlist[] = {"grad_output", "x", "weight", "lora_A", "lora_B", "u", "enable_lora", "scaling",
+                             "fan_in_fan_out", "mask", "keep_scale", "need_input_grad", "grad_weight",
+                             "grad_bias", "grad_lora_A", "grad_lora_B", NULL};
+    PyObject *g_obj, *x, *weight, *lora_a, *lora_b, *u_obj, *enable_lora, *mask = Py_None;
+    PyObject *gw_obj = Py_None, *gbias_obj = Py_None, *ga_obj = Py_None, *gb_obj = Py_None;
+    double scaling, keep_scale = 1.0;
+    int fan_in_fan_out, need_input_grad = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOdp|OdpOOOO:merged_linear_backward", kwlist, &g_obj,
+                                     &x, &weight, &lora_a, &lora_b, &u_obj, &enable_lora, &scaling,
+                                     &fan_in_fan_out, &mask, &keep_scale, &need_input_grad, &gw_obj,
+                                     &gbias_obj, &ga_obj, &gb_obj))
+        return NULL;
+    if (check_finite(func, "scaling", scaling) < 0 || check_finite(func, "keep_scale", keep_scale) < 0)
+        return NULL;
+    MergedOperands op;
+    if (merged_operands_parse(func, x, weight, Py_None, lora_a, lora_b, enable_lora, mask, fan_in_fan_out,
+                              &op) < 0)
+        return NULL;
+    const LinearOperands *lin = &op.lin;
+    const int typenum = lin->typenum, lora = op.a.arr != NULL;
+    KArray g = {0}, u = {0}, gw = {0}, gbias = {0}, ga = {0}, gbb = {0};
+    PyObject *dx = NULL;
+    npy_intp gshape[2] = {lin->n, lin->out}, ushape[2] = {lin->n, op.r * op.n_enabled};
+    npy_intp bshape[1] = {lin->out};
+    npy_intp wshape[2] = {PyArray_DIMS(lin->w.arr)[0], PyArray_DIMS(lin->w.arr)[1]};
+    if (get_array(func, "grad_output", g_obj, typenum, 2, gshape, "(N, out)", IN_ARRAY, &g) < 0)
+        goto fail;
+    if (lora && get_array(func, "u", u_obj, typenum, 2, ushape, "(N, r * n_enabled)", IN_ARRAY, &u) < 0)
+        goto fail;
+    if (get_optional_array(func, "grad_weight", gw_obj, typenum, 2, wshape,
+                           fan_in_fan_out ? "(in, out)" : "(out, in)", INOUT_ARRAY, &gw) < 0 ||
+        get_optional_array(func, "grad_bias", gbias_obj, typenum, 1, bshape, "(out,)", INOUT_ARRAY, &gbias) < 0)
+        goto fail;
+    if (lora) {
+        npy_intp ashape[2] = {PyArray_DIMS(op.a.arr)[0], PyArray_DIMS(op.a.arr)[1]};
+        npy_intp lbshape[2] = {PyArray_DIMS(op.b.arr)[0], PyArray_DIMS(op.b.arr)[1]};
+        if (get_optional_array(func, "grad_lora_A", ga_obj, typenum, 2, ashape, "(r * n_enabled, in)",
+                               INOUT_ARRAY, &ga) < 0 ||
+            get_optional_array(func, "grad_lora_B", gb_obj, typenum, 2, lbshape,
+                               "(out / len(enable_lora) * n_enabled, r)", INOUT_ARRAY, &gbb) < 0)
+            goto fail;
+    } else if (ga_obj != Py_None || gb_obj != Py_None) {
+        PyErr_Format(PyExc_ValueError, "%s(): grad_lora_A/grad_lora_B given but lora_A/lora_B are None", func);
+        goto fail;
+    }
+    if (need_input_grad && !(dx = new_matrix(typenum, lin->n, lin->in)))
+        goto fail;
+
+    LoraMergedLinear M = merged_kernel_args(&op, fan_in_fan_out, scaling, keep_scale);
+    LoraLinearGrads G = {
+        .dx = dx ? PyArray_DATA((PyArrayObject *)dx) : NULL, .lddx = lin->in > 0 ? lin->in : 1,
+        .dw = data_or_null(&gw), .lddw = gw.ld,
+        .dbias = data_or_null(&gbias),
+        .da = data_or_null(&ga), .ldda = ga.ld,
+        .db = data_or_null(&gbb), .lddb = gbb.ld,
+    };
+    const void *u_data = data_or_null(&u);
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    if (typenum == NPY_FLOAT32)
+        status = lorac_merged_linear_backward_f32(&M, u_data, u.ld, data_or_null(&g), g.ld, &G);
+    else
+        status = lorac_merged_linear_backward_f64(&M, u_data, u.ld, data_or_null(&g), g.ld, &G);
+    Py_END_ALLOW_THREADS
+    if (status != 0) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    karray_release(&g), karray_release(&u), karray_release(&gw), karray_release(&gbias);
+    karray_release(&ga), karray_release(&gbb);
+    merged_operands_release(&op);
+    if (!dx)
+        Py_RETURN_NONE;
+    return dx;
+fail:
+    Py_XDECREF(dx);
+    karray_release(&g), karray_release(&u), karray_release(&gw), karray_release(&gbias);
+    karray_release(&ga), karray_release(&gbb);
+    merged_operands_release(&op);
+    return NULL;
+}
+
+PyDoc_STRVAR(merged_linear_merge_doc,
+"merged_linear_merge(weight, lora_A, lora_B, enable_lora, alpha, fan_in_fan_out) -> None\n\n"
+"In place, per enabled group: the rows of W0 (out, in) of that group's output block\n"
+"+= alpha * B_e A_e (its columns with fan_in_fan_out, W0 (in, out)).  alpha = scaling\n"
+"merges, -scaling unmerges.");
+
+static PyObject *py_merged_linear_merge(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "merged_linear_merge";
+    static char *kwlist[] = {"weight", "lora_A", "lora_B", "enable_lora", "alpha", "fan_in_fan_out", NULL};
+    PyObject *weight, *lora_a, *lora_b, *enable_lora;
+    double alpha;
+    int fan_in_fan_out;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOdp:merged_linear_merge", kwlist, &weight, &lora_a,
+                                     &lora_b, &enable_lora, &alpha, &fan_in_fan_out))
+        return NULL;
+    if (check_finite(func, "alpha", alpha) < 0)
+        return NULL;
+    int typenum;
+    if (float_typenum(func, "weight", weight, &typenum) < 0)
+        return NULL;
+    /* x is not used by a merge: an empty (0, in) batch stands in for it */
+    const npy_intp *wd = PyArray_DIMS((PyArrayObject *)weight);
+    npy_intp xdims[2] = {0, fan_in_fan_out ? wd[0] : wd[1]};
+    PyObject *x = PyArray_ZEROS(2, xdims, typenum, 0);
+    if (!x)
+        return NULL;
+    MergedOperands op;
+    int parsed = merged_operands_parse(func, x, weight, Py_None, lora_a, lora_b, enable_lora, Py_None,
+                                       fan_in_fan_out, &op);
+    Py_DECREF(x);
+    if (parsed < 0)
+        return NULL;
+    KArray w = {0};
+    npy_intp wshape[2] = {wd[0], wd[1]};
+    if (get_array(func, "weight", weight, typenum, 2, wshape, fan_in_fan_out ? "(in, out)" : "(out, in)",
+                  INOUT_ARRAY, &w) < 0) {
+        merged_operands_release(&op);
+        return NULL;
+    }
+    LoraMergedLinear M = merged_kernel_args(&op, fan_in_fan_out, 0.0, 1.0);
+    Py_BEGIN_ALLOW_THREADS
+    if (typenum == NPY_FLOAT32)
+        lorac_merged_linear_merge_f32(&M, alpha, PyArray_DATA(w.arr), w.ld);
+    else
+        lorac_merged_linear_merge_f64(&M, alpha, PyArray_DATA(w.arr), w.ld);
+    Py_END_ALLOW_THREADS
+    karray_release(&w);
+    merged_operands_release(&op);
+    Py_RETURN_NONE;
+}
+
 /* ------------------------------------------------------------------------ */
 /* BLAS runtime                                                              */
 /* ------------------------------------------------------------------------ */
@@ -539,6 +1778,37 @@ static PyMethodDef lorac_methods[] = {
      linear_backward_doc},
     {"linear_merge", (PyCFunction)(void (*)(void))py_linear_merge, METH_VARARGS | METH_KEYWORDS,
      linear_merge_doc},
+    /* training toolkit (issue 5) */
+    {"sgd_step", (PyCFunction)(void (*)(void))py_sgd_step, METH_VARARGS | METH_KEYWORDS, sgd_step_doc},
+    {"adam_step", (PyCFunction)(void (*)(void))py_adam_step, METH_VARARGS | METH_KEYWORDS, adam_step_doc},
+    {"cross_entropy_forward", (PyCFunction)(void (*)(void))py_cross_entropy_forward,
+     METH_VARARGS | METH_KEYWORDS, cross_entropy_forward_doc},
+    {"cross_entropy_backward", (PyCFunction)(void (*)(void))py_cross_entropy_backward,
+     METH_VARARGS | METH_KEYWORDS, cross_entropy_backward_doc},
+    {"mse_forward", (PyCFunction)(void (*)(void))py_mse_forward, METH_VARARGS | METH_KEYWORDS, mse_forward_doc},
+    {"mse_backward", (PyCFunction)(void (*)(void))py_mse_backward, METH_VARARGS | METH_KEYWORDS,
+     mse_backward_doc},
+    {"activation_forward", (PyCFunction)(void (*)(void))py_activation_forward, METH_VARARGS | METH_KEYWORDS,
+     activation_forward_doc},
+    {"activation_backward", (PyCFunction)(void (*)(void))py_activation_backward, METH_VARARGS | METH_KEYWORDS,
+     activation_backward_doc},
+    {"layernorm_forward", (PyCFunction)(void (*)(void))py_layernorm_forward, METH_VARARGS | METH_KEYWORDS,
+     layernorm_forward_doc},
+    {"layernorm_backward", (PyCFunction)(void (*)(void))py_layernorm_backward, METH_VARARGS | METH_KEYWORDS,
+     layernorm_backward_doc},
+    /* end of training toolkit */
+    /* ---- Embedding ---- */
+    {"embedding_forward", (PyCFunction)(void (*)(void))py_embedding_forward, METH_VARARGS | METH_KEYWORDS,
+     embedding_forward_doc},
+    {"embedding_backward", (PyCFunction)(void (*)(void))py_embedding_backward, METH_VARARGS | METH_KEYWORDS,
+     embedding_backward_doc},
+    /* ---- MergedLinear ---- */
+    {"merged_linear_forward", (PyCFunction)(void (*)(void))py_merged_linear_forward,
+     METH_VARARGS | METH_KEYWORDS, merged_linear_forward_doc},
+    {"merged_linear_backward", (PyCFunction)(void (*)(void))py_merged_linear_backward,
+     METH_VARARGS | METH_KEYWORDS, merged_linear_backward_doc},
+    {"merged_linear_merge", (PyCFunction)(void (*)(void))py_merged_linear_merge, METH_VARARGS | METH_KEYWORDS,
+     merged_linear_merge_doc},
     {"blas_info", py_blas_info, METH_NOARGS, "BLAS name, build config, core, threads, processors."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "Number of OpenBLAS threads."},
     {"set_num_threads", py_set_num_threads, METH_O, "Set the number of OpenBLAS threads."},

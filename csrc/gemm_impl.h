@@ -19,6 +19,25 @@ static inline void FN(gemm_rm)(enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
                 c[i * ldc + j] = beta == 0 ? (real)0 : beta * c[i * ldc + j];
         return;
     }
+    /* One row or one column: GEMV streams the matrix once, where GEMM would
+     * first pack it (a full extra copy of W0 for a single-row batch). */
+    const int a_t = ta == CblasTrans, b_t = tb == CblasTrans;
+    if ((m == 1 || n == 1) && beta == 0) { /* c may hold garbage (even NaN): clear it */
+        for (ptrdiff_t i = 0; i < m; i++)
+            for (ptrdiff_t j = 0; j < n; j++)
+                c[i * ldc + j] = 0;
+        beta = 1;
+    }
+    if (m == 1) { /* c (n) = alpha op(B)^T a + beta c;  B stored (k, n), or (n, k) if b_t */
+        GEMV(CblasRowMajor, b_t ? CblasNoTrans : CblasTrans, (blasint)(b_t ? n : k), (blasint)(b_t ? k : n),
+             alpha, b, (blasint)ldb, a, (blasint)(a_t ? lda : 1), beta, c, 1);
+        return;
+    }
+    if (n == 1) { /* c (m) = alpha op(A) b + beta c;  A stored (m, k), or (k, m) if a_t */
+        GEMV(CblasRowMajor, a_t ? CblasTrans : CblasNoTrans, (blasint)(a_t ? k : m), (blasint)(a_t ? m : k),
+             alpha, a, (blasint)lda, b, (blasint)(b_t ? 1 : ldb), beta, c, (blasint)ldc);
+        return;
+    }
     GEMM(CblasRowMajor, ta, tb, (blasint)m, (blasint)n, (blasint)k, alpha, a, (blasint)lda, b,
          (blasint)ldb, beta, c, (blasint)ldc);
 }

@@ -1,21 +1,7 @@
 /* lora_linear_impl.h - LoRA Linear forward, backward and merge (template).
- * Shapes and conventions: see lora_linear_decl.h and DESIGN.md. */
-
-#ifndef LORAC_DROP_BLOCK_ROWS
-/* Rows of drop(x) materialised at a time when dropout is on, so the scratch
- * stays small (DROP_BLOCK_ROWS x in) whatever n is. */
-#define LORAC_DROP_BLOCK_ROWS 64
-#endif
-
-/* x (rows, in) with row stride ldx, mask (rows, in) -> out (rows, in) contiguous
- * out = x * mask * keep_scale  (x * 0 keeps NaN as NaN, as torch's dropout). */
-static void FN(apply_dropout_mask)(ptrdiff_t rows, ptrdiff_t in, const real *x, ptrdiff_t ldx,
-                                   const uint8_t *mask, real keep_scale, real *out)
-{
-    for (ptrdiff_t i = 0; i < rows; i++)
-        for (ptrdiff_t j = 0; j < in; j++)
-            out[i * in + j] = x[i * ldx + j] * ((real)mask[i * in + j] * keep_scale);
-}
+ * Shapes and conventions: see lora_linear_decl.h and DESIGN.md.  The input
+ * side of the LoRA branch (u = drop(x) A^T and its backward, with dropout)
+ * comes from lora_branch_impl.h, shared with MergedLinear. */
 
 int FN(lorac_linear_forward)(const LoraLinear *L, real *u, ptrdiff_t ldu, real *y, ptrdiff_t ldy)
 {
@@ -25,7 +11,7 @@ int FN(lorac_linear_forward)(const LoraLinear *L, real *u, ptrdiff_t ldu, real *
     const int lora = a != NULL && r > 0;
     real *scratch = NULL;
     if (lora && L->mask && n > 0 && in > 0) {
-        scratch = malloc(sizeof(real) * (size_t)LORAC_DROP_BLOCK_ROWS * (size_t)in);
+        scratch = malloc(sizeof(real) * (size_t)LORAC_BRANCH_BLOCK_ROWS * (size_t)in);
         if (!scratch)
             return -1;
     }
@@ -43,18 +29,8 @@ int FN(lorac_linear_forward)(const LoraLinear *L, real *u, ptrdiff_t ldu, real *
         return 0;
 
     /* u = drop(x) A^T  (n, r) */
-    if (scratch) {
-        for (ptrdiff_t i0 = 0; i0 < n; i0 += LORAC_DROP_BLOCK_ROWS) {
-            ptrdiff_t rows = n - i0 < LORAC_DROP_BLOCK_ROWS ? n - i0 : LORAC_DROP_BLOCK_ROWS;
-            FN(apply_dropout_mask)(rows, in, x + i0 * L->ldx, L->ldx, L->mask + i0 * in,
-                                   keep_scale, scratch);
-            FN(gemm_rm)(CblasNoTrans, CblasTrans, rows, r, in, 1, scratch, in, a, L->lda, 0,
-                        u + i0 * ldu, ldu);
-        }
-        free(scratch);
-    } else {
-        FN(gemm_rm)(CblasNoTrans, CblasTrans, n, r, in, 1, x, L->ldx, a, L->lda, 0, u, ldu);
-    }
+    FN(branch_down)(n, in, r, x, L->ldx, L->mask, keep_scale, a, L->lda, u, ldu, scratch);
+    free(scratch);
     /* y += scaling * u B^T */
     FN(gemm_rm)(CblasNoTrans, CblasTrans, n, out, r, scaling, u, ldu, b, L->ldb, 1, y, ldy);
     return 0;
@@ -90,7 +66,7 @@ int FN(lorac_linear_backward)(const LoraLinear *L, const real *u, ptrdiff_t ldu,
     if (need_gb && n > 0 && r > 0)
         gb = malloc(sizeof(real) * (size_t)n * (size_t)r);
     if (need_drop)
-        scratch = malloc(sizeof(real) * (size_t)LORAC_DROP_BLOCK_ROWS * (size_t)in);
+        scratch = malloc(sizeof(real) * (size_t)LORAC_BRANCH_BLOCK_ROWS * (size_t)in);
     if (dbias && out > 0)
         colsum = malloc(sizeof(double) * (size_t)out);
     if ((need_gb && n > 0 && r > 0 && !gb) || (need_drop && !scratch) ||
@@ -118,35 +94,9 @@ int FN(lorac_linear_backward)(const LoraLinear *L, const real *u, ptrdiff_t ldu,
     if (gb) {
         /* gb = g B  (n, r) */
         FN(gemm_rm)(CblasNoTrans, CblasNoTrans, n, r, out, 1, g, ldg, b, L->ldb, 0, gb, r);
-        if (!scratch) {
-            if (dx) /* dx += scaling * gb A */
-                FN(gemm_rm)(CblasNoTrans, CblasNoTrans, n, in, r, scaling, gb, r, a, L->lda, 1,
-                            dx, G->lddx);
-            if (da) /* dA += scaling * gb^T x */
-                FN(gemm_rm)(CblasTrans, CblasNoTrans, r, in, n, scaling, gb, r, x, L->ldx, 1,
-                            da, G->ldda);
-        } else {
-            for (ptrdiff_t i0 = 0; i0 < n; i0 += LORAC_DROP_BLOCK_ROWS) {
-                ptrdiff_t rows = n - i0 < LORAC_DROP_BLOCK_ROWS ? n - i0 : LORAC_DROP_BLOCK_ROWS;
-                const real *gb_blk = gb + i0 * r;
-                const uint8_t *mask_blk = L->mask + i0 * in;
-                if (dx) { /* dx += drop'(scaling * gb A) */
-                    FN(gemm_rm)(CblasNoTrans, CblasNoTrans, rows, in, r, scaling, gb_blk, r, a,
-                                L->lda, 0, scratch, in);
-                    for (ptrdiff_t i = 0; i < rows; i++) {
-                        real *dx_row = dx + (i0 + i) * G->lddx;
-                        for (ptrdiff_t j = 0; j < in; j++)
-                            dx_row[j] += scratch[i * in + j] * ((real)mask_blk[i * in + j] * keep_scale);
-                    }
-                }
-                if (da) { /* dA += scaling * gb^T drop(x) */
-                    FN(apply_dropout_mask)(rows, in, x + i0 * L->ldx, L->ldx, mask_blk,
-                                           keep_scale, scratch);
-                    FN(gemm_rm)(CblasTrans, CblasNoTrans, r, in, rows, scaling, gb_blk, r, scratch,
-                                in, 1, da, G->ldda);
-                }
-            }
-        }
+        /* dx += scaling * drop'(gb A);  dA += scaling * gb^T drop(x) */
+        FN(branch_down_backward)(n, in, r, scaling, gb, r, x, L->ldx, L->mask, keep_scale, a, L->lda,
+                                 dx, G->lddx, da, G->ldda, scratch);
     }
     free(gb);
     free(scratch);

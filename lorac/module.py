@@ -79,6 +79,10 @@ class Module:
     def __setattr__(self, name, value):
         params = self.__dict__.get("_parameters")
         modules = self.__dict__.get("_modules")
+        if params is not None and name not in params and name not in modules \
+                and not isinstance(value, (Parameter, Module)):
+            object.__setattr__(self, name, value)  # plain attribute: the common, fast case
+            return
         if params is None:
             raise AttributeError(f"call Module.__init__() before assigning attributes ({name!r})")
         if isinstance(value, Parameter):

@@ -16,7 +16,7 @@ def mark_only_lora_as_trainable(model, bias="none"):
     """Freeze every parameter whose name lacks "lora_" and make the "lora_" ones trainable.
 
     bias: "none" (biases frozen), "all" (every parameter named "...bias"
-    trains) or "lora_only" (only biases of LoRA layers train).  Unlike
+    trains) or "lora_only" (only biases of layers with an adapter, r > 0, train).  Unlike
     loralib, "lora_" parameters are (re)enabled here, not just left as they were.
     """
     _check_bias_mode(bias)
@@ -27,8 +27,10 @@ def mark_only_lora_as_trainable(model, bias="none"):
             if "bias" in name:
                 param.requires_grad = True
     elif bias == "lora_only":
+        # Layers with an adapter (r > 0).  A lorac layer with r = 0 plays the
+        # role of loralib users' plain nn.Linear, whose bias stays frozen.
         for module in model.modules():
-            if isinstance(module, LoRALayer) and getattr(module, "bias", None) is not None:
+            if isinstance(module, LoRALayer) and module.r > 0 and getattr(module, "bias", None) is not None:
                 module.bias.requires_grad = True
     return model
 

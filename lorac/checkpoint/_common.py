@@ -12,6 +12,7 @@ dtype policy (the same for every format):
 """
 
 import os
+import zipfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -101,3 +102,25 @@ def to_arrays(state_dict):
                 "bool, int8..int64, uint8..uint64, float16, float32, float64")
         arrays[key] = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
     return arrays
+
+
+def zip_members(archive, path):
+    """``archive.infolist()`` after two consistency checks zipfile skips.
+
+    Neither numpy nor torch writes member comments, and the member count in
+    the end-of-central-directory record must match what was parsed: without
+    these, a corrupted comment length or directory size makes zipfile drop
+    members silently.
+    """
+    infos = archive.infolist()
+    for info in infos:
+        if info.comment:
+            raise error(path, f"zip member {short_repr(info.filename)} has a comment; "
+                              "the central directory is corrupt")
+    end_record = getattr(zipfile, "_EndRecData", None)  # private, in CPython 3.9-3.14
+    if end_record is not None:
+        record = end_record(archive.fp)
+        if record is not None and record[zipfile._ECD_ENTRIES_TOTAL] != len(infos):
+            raise error(path, f"zip directory declares {record[zipfile._ECD_ENTRIES_TOTAL]} "
+                              f"members but holds {len(infos)}")
+    return infos

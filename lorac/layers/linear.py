@@ -9,11 +9,13 @@ from .. import init
 from .._arrays import (as_float_array, as_generator, check_last_dim, float_dtype,
                        non_negative_int)
 from ..module import Module, Parameter
+from ._grads import GradBuffers as _GradBuffers
 from .base import LoRALayer
 
 # What backward needs from a forward: the 2-D input, u = drop(x) A^T, the
-# dropout mask, whether the adapter branch ran, and the input's leading shape.
-_ForwardCache = namedtuple("_ForwardCache", ["x", "u", "mask", "lora_on", "lead_shape"])
+# dropout mask and its 1 / (1 - p), whether the adapter branch ran, and the
+# input's leading shape.
+_ForwardCache = namedtuple("_ForwardCache", ["x", "u", "mask", "keep_scale", "lora_on", "lead_shape"])
 
 
 class Linear(LoRALayer, Module):
@@ -60,39 +62,59 @@ class Linear(LoRALayer, Module):
 
     # -- forward / backward ---------------------------------------------
     def forward(self, x):
-        x = as_float_array(x, self.dtype, f"{type(self).__name__}.forward: input")
-        check_last_dim(x, self.in_features, f"{type(self).__name__}.forward: input")
-        lead_shape = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        # This is the hot path for small batches: plain dict lookups, no
+        # reshapes or attribute hooks that a 2-D, right-dtype input does not need.
+        if type(x) is not np.ndarray or x.dtype != self.dtype or x.ndim == 0 \
+                or x.shape[-1] != self.in_features:
+            x = self._checked_input(x)
+        params = self._parameters
+        x2 = x if x.ndim == 2 else x.reshape(-1, self.in_features)
         lora_on = self.r > 0 and not self.merged
-        mask = self._dropout_mask(x2.shape) if lora_on else None
+        mask = self._dropout_mask(x2.shape) if lora_on and self.training and self.lora_dropout else None
+        keep_scale = 1.0 / (1.0 - self.lora_dropout)
+        bias = params["bias"]
         y, u = _C.linear_forward(
-            x2, self.weight.data, None if self.bias is None else self.bias.data,
-            self.lora_A.data if lora_on else None, self.lora_B.data if lora_on else None,
-            self.scaling, self.fan_in_fan_out, mask, self._keep_scale())
-        self._cache = _ForwardCache(x2, u, mask, lora_on, lead_shape)
-        return y.reshape(lead_shape + (self.out_features,))
+            x2, params["weight"].data, None if bias is None else bias.data,
+            params["lora_A"].data if lora_on else None, params["lora_B"].data if lora_on else None,
+            self.scaling, self.fan_in_fan_out, mask, keep_scale)
+        lead_shape = x.shape[:-1]
+        self.__dict__["_cache"] = _ForwardCache(x2, u, mask, keep_scale, lora_on, lead_shape)
+        return y if x.ndim == 2 else y.reshape(lead_shape + (self.out_features,))
+
+    def _checked_input(self, x):
+        name = f"{type(self).__name__}.forward: input"
+        x = as_float_array(x, self.dtype, name)
+        check_last_dim(x, self.in_features, name)
+        return x
 
     def backward(self, grad_output):
         """Gradient w.r.t. the input; accumulates .grad of trainable parameters."""
         cache = self._require_cache()
-        g = as_float_array(grad_output, self.dtype, f"{type(self).__name__}.backward: grad_output")
+        g = grad_output
         expected = cache.lead_shape + (self.out_features,)
-        if g.shape != expected:
-            raise ValueError(f"{type(self).__name__}.backward: grad_output must have shape {expected} "
-                             f"(the output's), got {g.shape}")
+        if type(g) is not np.ndarray or g.dtype != self.dtype or g.shape != expected:
+            g = self._checked_grad_output(g, expected)
+        params = self._parameters
         lora_on = cache.lora_on
-        grads = {"grad_weight": self.weight, "grad_bias": self.bias,
-                 "grad_lora_A": self.lora_A if lora_on else None,
-                 "grad_lora_B": self.lora_B if lora_on else None}
+        weight = params["weight"]
+        lora_a, lora_b = (params["lora_A"], params["lora_B"]) if lora_on else (None, None)
+        grads = {"grad_weight": weight, "grad_bias": params["bias"],
+                 "grad_lora_A": lora_a, "grad_lora_B": lora_b}
         with _GradBuffers(grads) as buffers:
             dx = _C.linear_backward(
-                g.reshape(-1, self.out_features), cache.x, self.weight.data,
-                self.lora_A.data if lora_on else None, self.lora_B.data if lora_on else None,
-                cache.u, self.scaling, self.fan_in_fan_out, cache.mask, self._keep_scale(),
+                g if g.ndim == 2 else g.reshape(-1, self.out_features), cache.x, weight.data,
+                None if lora_a is None else lora_a.data, None if lora_b is None else lora_b.data,
+                cache.u, self.scaling, self.fan_in_fan_out, cache.mask, cache.keep_scale,
                 True, **buffers)
-        self._cache = None
-        return dx.reshape(cache.lead_shape + (self.in_features,))
+        self.__dict__["_cache"] = None
+        return dx if len(cache.lead_shape) == 1 else dx.reshape(cache.lead_shape + (self.in_features,))
+
+    def _checked_grad_output(self, g, expected):
+        name = f"{type(self).__name__}.backward: grad_output"
+        g = as_float_array(g, self.dtype, name)
+        if g.shape != expected:
+            raise ValueError(f"{name} must have shape {expected} (the output's), got {g.shape}")
+        return g
 
     def _require_cache(self):
         cache = self._cache
@@ -105,13 +127,9 @@ class Linear(LoRALayer, Module):
         return cache
 
     def _dropout_mask(self, shape):
-        if not (self.training and self.lora_dropout > 0.0):
-            return None
+        """uint8 keep-mask (1 = keep) for the LoRA branch input, drawn from self.rng."""
         keep = self.rng.random(shape, dtype=np.float32) >= self.lora_dropout
         return keep.view(np.uint8)
-
-    def _keep_scale(self):
-        return 1.0 / (1.0 - self.lora_dropout)
 
     # -- merging and state ------------------------------------------------
     def _apply_delta(self, alpha):
@@ -147,30 +165,3 @@ class Linear(LoRALayer, Module):
             text += f", dtype={self.dtype}"
         return text
 
-
-class _GradBuffers:
-    """Context manager: gradient accumulators for the trainable parameters among
-    `params` ({kernel argument: Parameter or None}); frozen ones get None and no
-    allocation.  If the call inside fails, buffers it allocated are dropped so
-    the parameters are left as they were."""
-
-    def __init__(self, params):
-        self.params = params
-        self.created = []
-
-    def __enter__(self):
-        buffers = {}
-        for arg, param in self.params.items():
-            if param is None or not param.requires_grad:
-                buffers[arg] = None
-                continue
-            if param.grad is None:
-                self.created.append(param)
-            buffers[arg] = param.grad_buffer()
-        return buffers
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            for param in self.created:
-                param.grad = None
-        return False

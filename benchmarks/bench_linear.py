@@ -1,0 +1,134 @@
+"""lorac.Linear vs a bare GEMM and vs the same LoRA in plain NumPy (issue: core).
+
+For in = out in {1024, 4096}, N in {1, 16, 256, 2048}, r in {8, 16}, float32,
+one thread count for everyone, medians of interleaved repeats:
+
+  bare      x @ W.T + b                        (NumPy; the floor for any layer)
+  lorac     unmerged forward, merged forward (eval), training step (fwd + bwd)
+  numpy     the same LoRA forward / training step written in plain NumPy
+
+Targets: unmerged forward <= 1.05x bare for N >= 16 at 4096 (floor
+1 + r (in + out) / (in out)); merged forward <= 1.02x bare; training step
+<= 2.2x bare; lorac faster than NumPy in every row.
+
+    python benchmarks/bench_linear.py [--threads T] [--quick] [--json out.json]
+"""
+
+import argparse
+import json
+import sys
+
+from _timing import print_table, set_threads_from_argv, time_interleaved
+
+THREADS = set_threads_from_argv()
+
+import numpy as np  # noqa: E402  (after the thread setting)
+
+import lorac  # noqa: E402
+
+
+def numpy_lora_forward(x, w, b, a, bb, s):
+    y = x @ w.T + b
+    y += s * ((x @ a.T) @ bb.T)
+    return y
+
+
+def numpy_lora_train_step(x, g, w, b, a, bb, s, grads):
+    u = x @ a.T
+    y = x @ w.T + b
+    y += s * (u @ bb.T)
+    gb = g @ bb
+    dx = g @ w + s * (gb @ a)
+    grads["a"] += s * (gb.T @ x)
+    grads["b"] += s * (g.T @ u)
+    grads["bias"] += g.sum(axis=0)
+    return y, dx
+
+
+def bench_row(size, n, r, rng, repeats):
+    layer = lorac.Linear(size, size, r=r, lora_alpha=2 * r, rng=0)
+    layer.lora_B.data[...] = rng.standard_normal(layer.lora_B.shape).astype(np.float32) * 0.01
+    w, b, a, bb, s = (layer.weight.data, layer.bias.data, layer.lora_A.data, layer.lora_B.data,
+                      layer.scaling)
+    x = rng.standard_normal((n, size)).astype(np.float32)
+    g = rng.standard_normal((n, size)).astype(np.float32)
+    merged = lorac.Linear(size, size, r=r, lora_alpha=2 * r, rng=0)
+    merged.load_state_dict(layer.state_dict())
+    merged.eval()
+    np_grads = {"a": np.zeros_like(a), "b": np.zeros_like(bb), "bias": np.zeros_like(b)}
+
+    def lorac_train_step():
+        layer(x)
+        layer.backward(g)
+
+    times = time_interleaved({
+        "bare": lambda: x @ w.T + b,
+        "lorac_fwd": lambda: layer(x),
+        "lorac_merged": lambda: merged(x),
+        "lorac_train": lorac_train_step,
+        "numpy_fwd": lambda: numpy_lora_forward(x, w, b, a, bb, s),
+        "numpy_train": lambda: numpy_lora_train_step(x, g, w, b, a, bb, s, np_grads),
+    }, repeats=repeats)
+    floor = 1 + r * (2 * size) / (size * size)
+    return {"in": size, "out": size, "N": n, "r": r, "floor": floor,
+            **{k + "_ms": v * 1e3 for k, v in times.items()},
+            "fwd_vs_bare": times["lorac_fwd"] / times["bare"],
+            "merged_vs_bare": times["lorac_merged"] / times["bare"],
+            "train_vs_bare": times["lorac_train"] / times["bare"],
+            "numpy_fwd_over_lorac": times["numpy_fwd"] / times["lorac_fwd"],
+            "numpy_train_over_lorac": times["numpy_train"] / times["lorac_train"]}
+
+
+def check_targets(rows):
+    failures = []
+    for row in rows:
+        tag = f"in=out={row['in']} N={row['N']} r={row['r']}"
+        if row["in"] == 4096 and row["N"] >= 16 and row["fwd_vs_bare"] > 1.05:
+            failures.append(f"{tag}: unmerged forward {row['fwd_vs_bare']:.3f}x bare > 1.05x")
+        if row["merged_vs_bare"] > 1.02:
+            failures.append(f"{tag}: merged forward {row['merged_vs_bare']:.3f}x bare > 1.02x")
+        if row["train_vs_bare"] > 2.2:
+            failures.append(f"{tag}: training step {row['train_vs_bare']:.3f}x bare > 2.2x")
+        if row["numpy_fwd_over_lorac"] < 1 or row["numpy_train_over_lorac"] < 1:
+            failures.append(f"{tag}: NumPy faster than lorac (fwd {row['numpy_fwd_over_lorac']:.2f}x, "
+                            f"train {row['numpy_train_over_lorac']:.2f}x)")
+    return failures
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--quick", action="store_true", help="in = out = 1024 and N <= 256 only")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    lorac.set_num_threads(args.threads)
+    sizes = [1024] if args.quick else [1024, 4096]
+    batches = [1, 16, 256] if args.quick else [1, 16, 256, 2048]
+    rng = np.random.default_rng(0)
+    print(f"lorac {lorac.__version__}, {lorac.blas_info()['name']}, threads={lorac.get_num_threads()}, "
+          f"numpy {np.__version__}; times are medians of {args.repeats} interleaved repeats")
+    rows = []
+    for size in sizes:
+        for n in batches:
+            for r in (8, 16):
+                rows.append(bench_row(size, n, r, rng, args.repeats))
+                print(f"  done in=out={size} N={n} r={r}", file=sys.stderr)
+    print_table(
+        ["in=out", "N", "r", "bare ms", "fwd ms", "fwd/bare", "floor", "merged/bare", "train ms",
+         "train/bare", "np fwd/lorac", "np train/lorac"],
+        [[row["in"], row["N"], row["r"], f"{row['bare_ms']:.3f}", f"{row['lorac_fwd_ms']:.3f}",
+          f"{row['fwd_vs_bare']:.3f}", f"{row['floor']:.4f}", f"{row['merged_vs_bare']:.3f}",
+          f"{row['lorac_train_ms']:.3f}", f"{row['train_vs_bare']:.3f}",
+          f"{row['numpy_fwd_over_lorac']:.2f}", f"{row['numpy_train_over_lorac']:.2f}"] for row in rows])
+    failures = check_targets(rows)
+    print("\ntargets: " + ("all met" if not failures else f"{len(failures)} missed"))
+    for failure in failures:
+        print("  MISSED " + failure)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"threads": args.threads, "rows": rows, "missed": failures}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

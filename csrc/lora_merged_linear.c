@@ -1,0 +1,18 @@
+/* lora_merged_linear.c - instantiates the LoRA MergedLinear kernels for both dtypes. */
+#include <stdlib.h>
+#include <string.h>
+#include "lora_merged_linear.h"
+
+#define LORAC_DTYPE 32
+#include "dtype_begin.h"
+#include "gemm_impl.h"
+#include "lora_branch_impl.h"
+#include "lora_merged_linear_impl.h"
+#include "dtype_end.h"
+
+#define LORAC_DTYPE 64
+#include "dtype_begin.h"
+#include "gemm_impl.h"
+#include "lora_branch_impl.h"
+#include "lora_merged_linear_impl.h"
+#include "dtype_end.h"

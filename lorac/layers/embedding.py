@@ -1,0 +1,161 @@
+"""lorac.Embedding: loralib's LoRA Embedding on the C gather kernels (csrc/lora_embedding*)."""
+
+from collections import namedtuple
+
+import numpy as np
+
+from .. import _C
+from .. import init
+from .._arrays import as_float_array, as_generator, float_dtype, non_negative_int
+from ..module import Module, Parameter
+from ._grads import GradBuffers
+from .base import LoRALayer
+
+# What backward needs from a forward: the flat indices, u = A^T[idx], whether
+# the adapter branch ran, and the indices' shape.
+_ForwardCache = namedtuple("_ForwardCache", ["indices", "u", "lora_on", "lead_shape"])
+
+
+class Embedding(LoRALayer, Module):
+    """y = W0[idx] + scaling * A^T[idx] B^T, with loralib's API.
+
+    Parameters (loralib's names and shapes): ``weight`` (num_embeddings,
+    embedding_dim) drawn from N(0, 1) like ``torch.nn.Embedding`` with the
+    ``padding_idx`` row zeroed, ``lora_A`` (r, num_embeddings) zeros,
+    ``lora_B`` (embedding_dim, r) N(0, 1), ``scaling = lora_alpha / r``
+    (loralib's Embedding is the other way round from its Linear: A starts at
+    zero, so the adapter starts as a no-op all the same).  No dropout.  With
+    r > 0 the base weight is frozen.
+
+    ``forward(indices)`` takes integer indices of any shape and returns
+    ``indices.shape + (embedding_dim,)``; ``backward(grad_output)`` returns
+    None (indices have no gradient) and accumulates the parameters'
+    gradients, where repeated indices add up and ``padding_idx`` gets none.
+    ``eval()`` merges ``scaling * (B A)^T`` into the weight and ``train()``
+    unmerges it when ``merge_weights``; ``state_dict()`` always holds the
+    unmerged weight.
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, r=0, lora_alpha=1, merge_weights=True,
+                 padding_idx=None, dtype=np.float32, rng=None, use_rslora=False):
+        Module.__init__(self)
+        self.num_embeddings = non_negative_int(num_embeddings, "num_embeddings")
+        self.embedding_dim = non_negative_int(embedding_dim, "embedding_dim")
+        self.padding_idx = _normalized_padding_idx(padding_idx, self.num_embeddings)
+        self._init_lora(r, lora_alpha, 0.0, merge_weights, use_rslora)
+        self.dtype = float_dtype(dtype)
+        self.rng = as_generator(rng)
+        self._cache = None
+
+        weight = init.normal((self.num_embeddings, self.embedding_dim), 1.0, self.rng, self.dtype)
+        if self.padding_idx is not None:
+            weight[self.padding_idx] = 0
+        self.weight = Parameter(weight, requires_grad=self.r == 0)
+        if self.r > 0:
+            self.lora_A = Parameter(init.zeros((self.r, self.num_embeddings), self.dtype))
+            self.lora_B = Parameter(init.normal((self.embedding_dim, self.r), 1.0, self.rng, self.dtype))
+
+    # -- forward / backward ---------------------------------------------
+    def forward(self, indices):
+        idx = indices
+        if type(idx) is not np.ndarray or idx.dtype.kind not in "iu":
+            idx = _as_indices(idx, f"{type(self).__name__}.forward: indices")
+        params = self._parameters
+        flat = idx if idx.ndim == 1 else idx.reshape(-1)
+        lora_on = self.r > 0 and not self.merged
+        y, u = _C.embedding_forward(flat, params["weight"].data,
+                                    params["lora_A"].data if lora_on else None,
+                                    params["lora_B"].data if lora_on else None, self.scaling)
+        self.__dict__["_cache"] = _ForwardCache(flat, u, lora_on, idx.shape)
+        return y if idx.ndim == 1 else y.reshape(idx.shape + (self.embedding_dim,))
+
+    def backward(self, grad_output):
+        """Accumulates .grad of the trainable parameters; returns None (indices have no gradient)."""
+        cache = self._require_cache()
+        g = grad_output
+        expected = cache.lead_shape + (self.embedding_dim,)
+        if type(g) is not np.ndarray or g.dtype != self.dtype or g.shape != expected:
+            g = self._checked_grad_output(g, expected)
+        params = self._parameters
+        lora_on = cache.lora_on
+        lora_a, lora_b = (params["lora_A"], params["lora_B"]) if lora_on else (None, None)
+        grads = {"grad_weight": params["weight"], "grad_lora_A": lora_a, "grad_lora_B": lora_b}
+        with GradBuffers(grads) as buffers:
+            _C.embedding_backward(
+                g if g.ndim == 2 else g.reshape(-1, self.embedding_dim), cache.indices,
+                params["weight"].data, None if lora_a is None else lora_a.data,
+                None if lora_b is None else lora_b.data, cache.u, self.scaling, self.padding_idx,
+                **buffers)
+        self.__dict__["_cache"] = None
+        return None
+
+    def _checked_grad_output(self, g, expected):
+        name = f"{type(self).__name__}.backward: grad_output"
+        g = as_float_array(g, self.dtype, name)
+        if g.shape != expected:
+            raise ValueError(f"{name} must have shape {expected} (the output's), got {g.shape}")
+        return g
+
+    def _require_cache(self):
+        cache = self._cache
+        if cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() called without a preceding forward() "
+                               "(or twice for one forward)")
+        if cache.lora_on != (self.r > 0 and not self.merged):
+            raise RuntimeError(f"{type(self).__name__}.backward(): the adapter was merged or unmerged "
+                               "(train()/eval()) between forward() and backward(); run forward() again")
+        return cache
+
+    # -- merging and state ------------------------------------------------
+    # W0 (num, dim) += alpha * (B A)^T is the Linear merge of a weight stored
+    # (in, out) = (num_embeddings, embedding_dim): the same kernel, transposed.
+    def _apply_delta(self, alpha):
+        _C.linear_merge(self.weight.data, self.lora_A.data, self.lora_B.data, alpha, True)
+        self._cache = None
+
+    def _state_items(self):
+        for name, value in Module._state_items(self):
+            if name == "weight" and self.merged and self.r > 0:
+                value = value.copy()
+                _C.linear_merge(value, self.lora_A.data, self.lora_B.data, -self.scaling, True)
+            yield name, value
+
+    def _load_state_items(self, values):
+        """Loading into a merged layer equals loading unmerged, then merging."""
+        remerge = self.merged
+        self.unmerge()
+        Module._load_state_items(self, values)
+        if remerge:
+            self.merge()
+
+    def extra_repr(self):
+        text = f"{self.num_embeddings}, {self.embedding_dim}"
+        if self.padding_idx is not None:
+            text += f", padding_idx={self.padding_idx}"
+        if self.r > 0:
+            text += f", r={self.r}, lora_alpha={self.lora_alpha:g}"
+        if self.dtype != np.float32:
+            text += f", dtype={self.dtype}"
+        return text
+
+
+def _normalized_padding_idx(padding_idx, num_embeddings):
+    """None, or an int in [-num, num) -> None or its index in [0, num) (torch's rule)."""
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)):
+        raise TypeError(f"padding_idx must be None or an int, got {type(padding_idx).__name__}")
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}) "
+                         f"(num_embeddings), got {padding_idx}")
+    return int(padding_idx) % num_embeddings
+
+
+def _as_indices(indices, name):
+    """Integer indices as an ndarray (any integer dtype; the kernel checks the range)."""
+    idx = indices if isinstance(indices, np.ndarray) else np.asarray(indices)
+    if idx.dtype.kind not in "iu":
+        if idx.size == 0 and not isinstance(indices, np.ndarray):  # [] parses as float64
+            return idx.astype(np.intp)
+        raise TypeError(f"{name} must be an array of integers, got dtype {idx.dtype}")
+    return idx

@@ -1,0 +1,21 @@
+"""lorac.optim: torch.optim's SGD, Adam and AdamW on fused C update kernels.
+
+::
+
+    opt = lorac.optim.AdamW(model.parameters(), lr=1e-3)
+    for x, y in batches:
+        loss = criterion(model(x), y)
+        model.backward(criterion.backward())
+        opt.step()
+        opt.zero_grad()
+
+State (momentum, moments) is created only for parameters that train
+(``requires_grad`` and a gradient): a frozen base weight costs no optimizer
+memory, which is where most of LoRA's training-memory saving comes from.
+"""
+
+from .adam import Adam, AdamW
+from .optimizer import Optimizer
+from .sgd import SGD
+
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW"]

@@ -1,0 +1,29 @@
+"""PEFT interoperability: LoRA adapter folders in and out, and inject_lora.
+
+- ``load_peft_adapter(model, path, adapter_name=None, strict=True)``: a PEFT
+  adapter folder onto a lorac model (all-or-nothing; see load.py).
+- ``save_peft_adapter(model, path, base_model_name_or_path=None)``: a folder
+  that ``peft.PeftModel.from_pretrained`` loads onto the equivalent torch
+  model (see save.py).
+- ``inject_lora(model, target_modules, r, ...)``: LoRA on chosen plain
+  layers, pretrained weights kept (see inject.py).
+- ``adapter_metadata(model)``: safetensors metadata recording the adapters'
+  scaling for lorac files (see adapter.py).
+
+Module map: keys.py (PEFT key grammar), config.py (adapter_config.json),
+adapter.py (format-neutral adapter, lorac-file metadata), folder.py (folder
+I/O), targets.py (layer kinds, matching, rebuilding).
+"""
+
+from .adapter import Adapter, AdapterError, LayerAdapter, from_lorac_state
+from .config import PeftConfigError
+from .folder import PeftFolderError, is_peft_folder, read_peft_folder, write_peft_folder
+from .inject import inject_lora
+from .load import AdapterMismatchError, load_peft_adapter
+from .save import adapter_from_model, adapter_metadata, save_peft_adapter
+
+__all__ = [
+    "load_peft_adapter", "save_peft_adapter", "inject_lora", "adapter_metadata",
+    "Adapter", "LayerAdapter", "AdapterError", "AdapterMismatchError", "PeftConfigError", "PeftFolderError",
+    "adapter_from_model", "from_lorac_state", "is_peft_folder", "read_peft_folder", "write_peft_folder",
+]

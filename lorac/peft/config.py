@@ -1,0 +1,268 @@
+"""adapter_config.json: what lorac accepts, refuses and writes.
+
+Reading (``parse_config``) follows PEFT's LoraConfig field by field:
+
+- ``peft_type`` must be ``"LORA"``.
+- Used: ``r``, ``lora_alpha``, ``use_rslora`` (scaling lora_alpha / sqrt(r)),
+  ``rank_pattern`` / ``alpha_pattern`` (per-layer r and alpha; a pattern key
+  matches a module path the way PEFT's ``get_pattern_key`` does: the regex
+  ``(.*\\.)?(<key>)$``, first key in file order wins), ``fan_in_fan_out``,
+  ``lora_dropout`` (given to rebuilt layers), ``bias`` and ``modules_to_save``
+  (their tensors, when present, are loaded into the model's parameters).
+- Refused with PeftConfigError naming the field: ``use_dora``, ``lora_bias``,
+  ``use_qalora``, ``alora_invocation_tokens``, ``use_bdlora``,
+  ``arrow_config``, ``kasa_config``, ``monteclora_config``,
+  ``layer_replication``, ``target_parameters``, ``trainable_token_indices``,
+  ``megatron_config``, the old ``enable_lora`` (fused layers), and
+  ``init_lora_weights`` values that change the base model's weights (pissa*,
+  olora, corda, loftq, lora_ga, mica) or that lorac does not know.
+- Ignored: ``target_modules``, ``exclude_modules``, ``layers_to_transform``,
+  ``layers_pattern`` -- the tensors in the file say which layers carry an
+  adapter -- and bookkeeping fields (task_type, revision, ...).
+- ``velora_config`` is accepted with a warning (its forward is plain LoRA;
+  lorac computes exact gradients).  Keys PEFT 0.21 does not have are
+  tolerated with one warning listing them.
+
+Writing (``build_config``) produces the fields PEFT's ``LoraConfig`` needs;
+per-layer ranks and alphas go to rank_pattern / alpha_pattern under
+anchored, escaped keys (``^<path>$``) so they match exactly one module.
+"""
+
+import math
+import numbers
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+CONFIG_NAME = "adapter_config.json"
+
+# Fields of PEFT's LoraConfig (0.21) and its PeftConfig base, plus older names.
+KNOWN_FIELDS = frozenset("""
+    alora_invocation_tokens alpha_pattern arrow_config auto_mapping base_model_name_or_path bias
+    corda_config ensure_weight_tying eva_config exclude_modules fan_in_fan_out inference_mode
+    init_lora_weights kasa_config layer_replication layers_pattern layers_to_transform loftq_config
+    lora_alpha lora_bias lora_dropout lora_ga_config megatron_config megatron_core modules_to_save
+    monteclora_config peft_type peft_version qalora_group_size r rank_pattern revision runtime_config
+    target_modules target_parameters task_type trainable_token_indices use_bdlora use_dora use_qalora
+    use_rslora velora_config enable_lora merge_weights
+""".split())
+
+# field -> what it is; refused when set to anything but null/false/empty.
+REFUSED_FIELDS = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "lora_bias": "a bias on lora_B",
+    "use_qalora": "QALoRA (quantisation-aware pooling)",
+    "alora_invocation_tokens": "activated LoRA (token-dependent adapter)",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing between adapters",
+    "kasa_config": "KaSA (singular-value adaptation)",
+    "monteclora_config": "MonteCLoRA sampling",
+    "layer_replication": "layer replication (changes the model's structure)",
+    "target_parameters": "LoRA on bare parameters",
+    "trainable_token_indices": "trainable tokens",
+    "megatron_config": "Megatron tensor-parallel layers",
+    "enable_lora": "fused (merged) LoRA layers from old PEFT",
+}
+
+# init_lora_weights values that leave the base weights untouched.
+SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
+
+
+class PeftConfigError(ValueError):
+    """adapter_config.json is malformed or asks for something lorac cannot do."""
+
+
+def _is_set(value):
+    return value not in (None, False, 0, "", [], {})
+
+
+def _pattern_regexes(patterns, name, source):
+    if patterns is None:
+        return []
+    if not isinstance(patterns, dict):
+        raise PeftConfigError(f"{source}: {name} must be an object, got {type(patterns).__name__}")
+    out = []
+    for key, value in patterns.items():
+        try:
+            regex = re.compile(rf"(.*\.)?({key})$")
+        except re.error as exc:
+            raise PeftConfigError(f"{source}: {name} key {key!r} is not a valid regular expression: {exc}") from None
+        out.append((key, regex, value))
+    return out
+
+
+def _real(value, name, source, positive=False, integer=False):
+    kinds = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        kind = "an integer" if integer else "a finite number"
+        raise PeftConfigError(f"{source}: {name} must be {kind}, got {value!r}")
+    if positive and value <= 0:
+        raise PeftConfigError(f"{source}: {name} must be > 0, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _flag(raw, name, source):
+    value = raw.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise PeftConfigError(f"{source}: {name} must be true or false, got {value!r}")
+    return value
+
+
+@dataclass
+class PeftAdapterConfig:
+    """The parts of a LoRA adapter_config.json that lorac uses."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    modules_to_save: list = field(default_factory=list)
+    base_model_name_or_path: str = None
+    rank_pattern: list = field(default_factory=list)   # [(key, compiled regex, r)]
+    alpha_pattern: list = field(default_factory=list)  # [(key, compiled regex, alpha)]
+
+    def rank_for(self, path):
+        """r of the layer at ``path`` (rank_pattern, else r)."""
+        return _lookup(self.rank_pattern, path, self.r)
+
+    def alpha_for(self, path):
+        """lora_alpha of the layer at ``path`` (alpha_pattern, else lora_alpha)."""
+        return _lookup(self.alpha_pattern, path, self.lora_alpha)
+
+
+def _lookup(patterns, path, default):
+    for _, regex, value in patterns:
+        if regex.match(path):
+            return value
+    return default
+
+
+def parse_config(raw, source):
+    """Validate a decoded adapter_config.json; returns PeftAdapterConfig.
+
+    ``source`` (the file's path) starts every message.  Raises
+    PeftConfigError for anything lorac cannot honour; warns (UserWarning)
+    about unknown fields.
+    """
+    if not isinstance(raw, dict):
+        raise PeftConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise PeftConfigError(f"{source}: peft_type must be 'LORA', got {peft_type!r}; lorac loads LoRA adapters only")
+    for name, what in REFUSED_FIELDS.items():
+        if _is_set(raw.get(name)):
+            raise PeftConfigError(f"{source}: {name}={raw[name]!r} asks for {what}, which lorac does not implement")
+    init = raw.get("init_lora_weights", True)
+    if init not in SAFE_INITS:
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+            raise PeftConfigError(
+                f"{source}: init_lora_weights={init!r} changes the base model's weights, so the adapter "
+                "does not apply to the original model; convert it to a plain LoRA adapter with PEFT "
+                "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) first")
+        raise PeftConfigError(f"{source}: init_lora_weights={init!r} is not one lorac knows "
+                              f"(expected one of {SAFE_INITS})")
+    if _is_set(raw.get("velora_config")):
+        warnings.warn(f"{source}: velora_config only changes how PEFT trains; lorac applies the "
+                      "adapter as plain LoRA and computes exact gradients", UserWarning, stacklevel=3)
+    unknown = sorted(set(raw) - KNOWN_FIELDS)
+    if unknown:
+        warnings.warn(f"{source}: ignoring adapter_config.json fields unknown to lorac "
+                      f"(written by a newer PEFT?): {', '.join(unknown)}", UserWarning, stacklevel=3)
+
+    bias = raw.get("bias", "none")
+    if bias not in ("none", "all", "lora_only"):
+        raise PeftConfigError(f"{source}: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    dropout = _real(raw.get("lora_dropout", 0.0) or 0.0, "lora_dropout", source)
+    if not 0.0 <= dropout < 1.0:
+        raise PeftConfigError(f"{source}: lora_dropout must be in [0, 1), got {dropout}")
+    modules_to_save = raw.get("modules_to_save") or []
+    if not isinstance(modules_to_save, list) or not all(isinstance(m, str) for m in modules_to_save):
+        raise PeftConfigError(f"{source}: modules_to_save must be a list of names, got {modules_to_save!r}")
+    base = raw.get("base_model_name_or_path")
+    config = PeftAdapterConfig(
+        r=_real(raw.get("r", 8), "r", source, positive=True, integer=True),
+        lora_alpha=_real(raw.get("lora_alpha", 8), "lora_alpha", source),
+        use_rslora=_flag(raw, "use_rslora", source),
+        fan_in_fan_out=_flag(raw, "fan_in_fan_out", source),
+        lora_dropout=dropout,
+        bias=bias,
+        modules_to_save=list(modules_to_save),
+        base_model_name_or_path=base if isinstance(base, str) else None,
+        rank_pattern=_pattern_regexes(raw.get("rank_pattern"), "rank_pattern", source),
+        alpha_pattern=_pattern_regexes(raw.get("alpha_pattern"), "alpha_pattern", source),
+    )
+    config.rank_pattern = [(key, regex, _real(value, f"rank_pattern[{key!r}]", source, positive=True, integer=True))
+                           for key, regex, value in config.rank_pattern]
+    config.alpha_pattern = [(key, regex, _real(value, f"alpha_pattern[{key!r}]", source))
+                            for key, regex, value in config.alpha_pattern]
+    return config
+
+
+def exact_pattern(path):
+    """A rank/alpha_pattern key that PEFT matches to the module ``path`` only."""
+    return "^" + re.escape(path) + "$"
+
+
+def exact_targets(paths):
+    """target_modules for PEFT selecting exactly ``paths``: a regex PEFT fullmatches."""
+    return "(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
+
+
+def _mode(values):
+    """Most common value; ties go to the first seen."""
+    counts = Counter(values)
+    best = max(counts.values())
+    return next(v for v in values if counts[v] == best)
+
+
+def _number(value):
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def build_config(layers, base_model_name_or_path=None, lora_dropout=0.0):
+    """adapter_config.json content (a dict) for ``layers``: {path: LayerAdapter}.
+
+    Each layer's own scaling is reproduced exactly: the global use_rslora is
+    the layers' majority, and a layer of the other kind gets the alpha that
+    gives its scaling under the global rule (alpha_pattern).
+    """
+    if not layers:
+        raise ValueError("no LoRA layers (r > 0) to save")
+    paths = list(layers)
+    use_rslora = _mode([layers[p].use_rslora for p in paths])
+    ranks = {p: layers[p].r for p in paths}
+    alphas = {}
+    for p in paths:
+        layer = layers[p]
+        if layer.use_rslora == use_rslora:
+            alphas[p] = layer.lora_alpha
+        else:
+            alphas[p] = layer.scaling * (math.sqrt(layer.r) if use_rslora else layer.r)
+    r = _mode([ranks[p] for p in paths])
+    alpha = _mode([alphas[p] for p in paths])
+    linear = [layers[p] for p in paths if layers[p].kind != "embedding"]
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": _number(alpha),
+        "lora_dropout": float(lora_dropout),
+        "use_rslora": bool(use_rslora),
+        "fan_in_fan_out": bool(linear) and all(layer.fan_in_fan_out for layer in linear),
+        "target_modules": exact_targets(paths),
+        "rank_pattern": {exact_pattern(p): ranks[p] for p in paths if ranks[p] != r},
+        "alpha_pattern": {exact_pattern(p): _number(alphas[p]) for p in paths if alphas[p] != alpha},
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "lora_bias": False,
+    }

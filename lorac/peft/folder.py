@@ -1,0 +1,161 @@
+"""Read and write PEFT adapter folders (adapter_config.json + weights).
+
+Reading takes ``adapter_model.safetensors`` or else ``adapter_model.bin``
+(a ``torch.save`` zip, read by lorac's safe reader: no torch, no code run).
+Every key is mapped with ``keys.parse_key`` and every tensor checked
+(2-D float lora tensors, ranks that agree with each other and with
+rank_pattern) before an Adapter is returned; a key lorac cannot place raises
+PeftFolderError naming it.
+
+Writing creates the folder if needed and writes ``adapter_model.safetensors``
+(metadata ``{"format": "pt"}``, as PEFT does) and then
+``adapter_config.json``, each atomically.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from .. import checkpoint
+from ..checkpoint.atomic import atomic_write
+from .adapter import Adapter, AdapterError, LayerAdapter
+from .config import CONFIG_NAME, build_config, parse_config
+from .keys import UnsupportedKeyError, lorac_key, parse_key, peft_key
+
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
+class PeftFolderError(ValueError):
+    """A PEFT adapter folder is missing files or holds tensors lorac cannot place."""
+
+
+def is_peft_folder(path):
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_NAME))
+
+
+def resolve_folder(path, adapter_name=None):
+    """The folder holding adapter_config.json: ``path`` or ``path/<adapter_name>``
+    (PEFT saves a non-default adapter in a subfolder)."""
+    path = os.fspath(path)
+    if adapter_name is not None and is_peft_folder(os.path.join(path, adapter_name)):
+        return os.path.join(path, adapter_name)
+    if is_peft_folder(path):
+        return path
+    if not os.path.isdir(path):
+        raise PeftFolderError(f"{path}: expected a PEFT adapter folder (holding {CONFIG_NAME}), "
+                              f"found {'a file' if os.path.exists(path) else 'nothing'}")
+    where = path if adapter_name is None else f"{path} (or its subfolder {adapter_name!r})"
+    raise PeftFolderError(f"{where}: no {CONFIG_NAME}; not a PEFT adapter folder")
+
+
+def read_raw_config(folder):
+    """The decoded adapter_config.json of a folder (any JSON value; at most 16 MiB)."""
+    name = os.path.join(folder, CONFIG_NAME)
+    with open(name, "rb") as fh:
+        text = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(text) > MAX_CONFIG_BYTES:
+        raise PeftFolderError(f"{name}: larger than {MAX_CONFIG_BYTES} bytes; not an adapter config")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:   # RecursionError: absurdly deep nesting
+        raise PeftFolderError(f"{name}: not valid JSON: {type(exc).__name__}: {exc}") from None
+
+
+def read_config(folder):
+    """The validated PeftAdapterConfig of a folder."""
+    return parse_config(read_raw_config(folder), os.path.join(folder, CONFIG_NAME))
+
+
+def weights_file(folder):
+    for name in WEIGHT_NAMES:
+        candidate = os.path.join(folder, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise PeftFolderError(f"{folder}: no adapter weights ({' or '.join(WEIGHT_NAMES)})")
+
+
+def read_peft_folder(path, adapter_name=None):
+    """(Adapter, PeftAdapterConfig) of a PEFT LoRA adapter folder, fully validated."""
+    folder = resolve_folder(path, adapter_name)
+    config = read_config(folder)
+    source = weights_file(folder)
+    state = checkpoint.load(source)
+    names = ("default",) if adapter_name in (None, "default") else ("default", adapter_name)
+
+    halves, extra, extra_source = {}, {}, {}
+    for key, value in state.items():
+        try:
+            parsed = parse_key(key, names)
+        except UnsupportedKeyError as exc:
+            raise PeftFolderError(f"{source}: {exc}") from None
+        if parsed is None:
+            raise PeftFolderError(f"{source}: unexpected key {key!r}: not a LoRA tensor, a base_layer "
+                                  "parameter or a modules_to_save parameter")
+        if parsed.ignored:
+            continue
+        if parsed.kind is not None:
+            slot = halves.setdefault(parsed.path, {})
+            if parsed.param in slot:
+                raise PeftFolderError(f"{source}: {key!r} and {slot[parsed.param][0]!r} both give "
+                                      f"{lorac_key(parsed.path, parsed.param)}")
+            slot[parsed.param] = (key, parsed.kind, value)
+            continue
+        target = lorac_key(parsed.path, parsed.param)
+        if target in extra:
+            if not np.array_equal(extra[target], value):
+                raise PeftFolderError(f"{source}: {key!r} and {extra_source[target]!r} both give {target} "
+                                      "with different values")
+            continue
+        extra[target], extra_source[target] = value, key
+
+    adapter = Adapter(extra=extra, lora_dropout=config.lora_dropout,
+                      base_model_name_or_path=config.base_model_name_or_path)
+    for path, slot in halves.items():
+        if set(slot) != {"lora_A", "lora_B"}:
+            (have, (key, _, _)), = slot.items()
+            raise PeftFolderError(f"{source}: {key!r} has no matching {'lora_B' if have == 'lora_A' else 'lora_A'}")
+        (a_key, a_kind, a), (b_key, b_kind, b) = slot["lora_A"], slot["lora_B"]
+        if a_kind != b_kind:
+            raise PeftFolderError(f"{source}: {a_key!r} and {b_key!r} mix Linear and Embedding LoRA names")
+        for key, arr in ((a_key, a), (b_key, b)):
+            if arr.ndim != 2 or arr.dtype.kind != "f":
+                raise PeftFolderError(f"{source}: {key!r} must be a 2-D float tensor, found shape "
+                                      f"{arr.shape} dtype {arr.dtype}")
+        r = config.rank_for(path)
+        if a.shape[0] != r:
+            raise PeftFolderError(f"{source}: size mismatch for {a_key!r}: expected shape {(r, a.shape[1])} "
+                                  f"(r={r} from adapter_config.json), found shape {tuple(a.shape)}")
+        if b.shape[1] != r:
+            raise PeftFolderError(f"{source}: size mismatch for {b_key!r}: expected shape {(b.shape[0], r)} "
+                                  f"(r={r} from adapter_config.json), found shape {tuple(b.shape)}")
+        adapter.layers[path] = LayerAdapter(
+            a, b, kind=a_kind, lora_alpha=config.alpha_for(path), use_rslora=config.use_rslora,
+            fan_in_fan_out=config.fan_in_fan_out if a_kind == "linear" else False, keys=(a_key, b_key))
+    return adapter, config
+
+
+def write_peft_folder(adapter, path, base_model_name_or_path=None):
+    """Write ``adapter`` as a PEFT LoRA folder loadable by PeftModel.from_pretrained.
+
+    Only the LoRA tensors are written (``extra`` is not: PEFT would need a
+    matching modules_to_save / bias setting).  Returns the config dict.
+    """
+    layers = adapter.layers
+    for path_, layer in layers.items():
+        if layer.lora_alpha is None:
+            raise AdapterError(f"lora_alpha of layer {path_!r} is unknown; give it (e.g. --alpha)")
+    config = build_config(layers, base_model_name_or_path or adapter.base_model_name_or_path,
+                          adapter.lora_dropout)
+    tensors = {}
+    for path_, layer in layers.items():
+        kind = layer.kind or "linear"
+        tensors[peft_key(path_, "lora_A", kind)] = layer.lora_A
+        tensors[peft_key(path_, "lora_B", kind)] = layer.lora_B
+    os.makedirs(path, exist_ok=True)
+    checkpoint.save(tensors, os.path.join(path, WEIGHT_NAMES[0]), metadata={"format": "pt"})
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    with atomic_write(os.path.join(path, CONFIG_NAME)) as fh:
+        fh.write(text.encode("utf-8"))
+    return config
