@@ -317,7 +317,8 @@ def test_torch_loralib_state_dicts(tmp_path):
 
 
 @pytest.mark.torch
-def test_torch_dtypes(tmp_path):
+@pytest.mark.parametrize("protocol", [2, 4])  # 2 is torch's default; 4 uses STACK_GLOBAL
+def test_torch_dtypes(tmp_path, protocol):
     torch = _torch()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, generator=gen)
@@ -325,11 +326,14 @@ def test_torch_dtypes(tmp_path):
         "f16": x.half(), "bf16": x.bfloat16(), "f32": x, "f64": x.double(),
         "i64": (x * 100).long(), "i32": (x * 100).int(), "i16": (x * 100).short(),
         "i8": (x * 10).char(), "u8": (x.abs() * 10).byte(), "bool": x > 0,
-        "u16": (x.abs() * 100).int().to(torch.uint16),   # written with _rebuild_tensor_v3
+        # uint16/32/64 are written with _rebuild_tensor_v3 and an UntypedStorage
+        "u16": (x.abs() * 100).int().to(torch.uint16),
+        "u32": (x.abs() * 1e5).long().to(torch.uint32).t(),
+        "u64": (x.abs() * 1e5).long().to(torch.uint64)[1:],
         "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
         "param": torch.nn.Parameter(x.clone()),
     }
-    path = _torch_save(tensors, tmp_path / "dtypes.pth")
+    path = _torch_save(tensors, tmp_path / "dtypes.pth", pickle_protocol=protocol)
     assert_matches_torch(ck.load(path), tensors)
 
 

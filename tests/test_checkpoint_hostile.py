@@ -170,6 +170,7 @@ def test_evil_global_after_valid_tensors_is_refused(tmp_path):
 @pytest.mark.parametrize("module,name", [
     ("torch", "load"), ("torch._utils", "_rebuild_from_type_v2"), ("numpy", "frombuffer"),
     ("copyreg", "_reconstructor"), ("collections", "defaultdict"), ("torch", "Tensor"),
+    ("torch", "float32"), ("torch", "ComplexFloatStorage"), ("torch._utils", "os"),
 ])
 def test_other_globals_are_refused(tmp_path, module, name):
     pkl = b"\x80\x02" + glob(module, name) + b")R."
@@ -179,6 +180,30 @@ def test_other_globals_are_refused(tmp_path, module, name):
 def test_evil_global_as_storage_type(tmp_path):
     pkl = dict_pickle({"w": tensor_ops(storage_module="os", storage="system")})
     refused(torch_zip(tmp_path / "s.pt", pkl, {"0": BASE.tobytes()}), "refused global 'os.system'")
+
+
+@pytest.mark.parametrize("target", [("torch", "FloatStorage"), ("torch", "uint16"),
+                                    ("collections", "OrderedDict"),
+                                    ("torch._utils", "_rebuild_tensor_v2")])
+def test_stand_ins_cannot_be_modified(tmp_path, target):
+    # BUILD with slot state would setattr() on the stand-in; with a dict it
+    # would update its __dict__.  Either must fail, and later loads be unharmed.
+    for state in ((None, {"name": "LongStorage", "element": None, "func": None}),
+                  {"name": "LongStorage"}):
+        pkl = b"\x80\x02" + glob(*target) + frag(state) + b"b0}."
+        refused(torch_zip(tmp_path / "m.pt", pkl), "invalid torch checkpoint")
+    assert_same(ck.load(handmade_torch_file(tmp_path / "ok.pt")), HANDMADE_EXPECTED)
+
+
+def test_loading_never_imports_torch(tmp_path):
+    import subprocess
+    import sys
+    path = handmade_torch_file(tmp_path / "ok.pt")
+    code = ("import sys, lorac.checkpoint as c; c.load(sys.argv[1]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+        str(__import__("pathlib").Path(ck.__file__).parents[2]), os.environ.get("PYTHONPATH")])))
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env)
 
 
 def test_npz_object_array_is_never_unpickled(tmp_path):
@@ -233,7 +258,7 @@ def test_untyped_storage_with_dtype(tmp_path):
     ok = torch_zip(tmp_path / "ok.pt", dict_pickle({"u": v3(6, "uint16")}),
                    {"0": np.array([1, 2, 65535], "<u2").tobytes()})
     np.testing.assert_array_equal(ck.load(ok)["u"], np.array([1, 2, 65535], np.uint16))
-    odd = torch_zip(tmp_path / "odd.pt", dict_pickle({"u": v3(5, "int32")}), {"0": b"\0" * 5})
+    odd = torch_zip(tmp_path / "odd.pt", dict_pickle({"u": v3(5, "uint32")}), {"0": b"\0" * 5})
     refused(odd, "whole number")
     bad = torch_zip(tmp_path / "bad.pt", dict_pickle({"u": v3(6, "float8_e4m3fn")}),
                     {"0": b"\0" * 6})

@@ -12,7 +12,6 @@ import pytest
 import lorac
 from lorac.cli import main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(capsys, *argv):
@@ -286,12 +285,15 @@ def test_refused_peft_adapter_in_cli(capsys, files):
 
 def test_console_entry_point_runs(files):
     tmp, _, _ = files
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # the child must import the same lorac as this process (installed, or the
+    # source tree in development), and not whatever sits in the current folder
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(lorac.__file__)))
+    env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-m", "lorac", "info", str(tmp / "peft")], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=120)
+                          text=True, env=env, cwd=tmp, timeout=120)
     assert done.returncode == 0 and "LoRA layers: 2" in done.stdout
     done = subprocess.run([sys.executable, "-m", "lorac", "merge", str(tmp / "nothing"), str(tmp / "peft"),
-                           "-o", str(tmp / "o.safetensors")], capture_output=True, text=True, env=env, cwd=REPO,
+                           "-o", str(tmp / "o.safetensors")], capture_output=True, text=True, env=env, cwd=tmp,
                           timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no such file" in done.stderr
 

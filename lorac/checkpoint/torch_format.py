@@ -12,15 +12,17 @@ Safety -- loading never runs code from the file:
   checks every length against the real data and refuses forbidden ``GLOBAL``
   names before anything is unpickled; then it is unpickled by a restricted
   Unpickler whose ``find_class`` knows only the globals below, each mapped to
-  a harmless stand-in defined here (never the torch object):
+  a harmless stand-in defined here (never the torch object), made afresh for
+  every load and refusing pickle's BUILD opcode, so one file cannot alter
+  how another is read:
   ``torch._utils._rebuild_tensor``, ``_rebuild_tensor_v2``,
   ``_rebuild_tensor_v3``, ``_rebuild_parameter``,
   ``_rebuild_parameter_with_state``; ``collections.OrderedDict`` (a dict
   that drops pickled attributes such as torch's ``_metadata``); the storage
   classes ``torch.{Float,Double,Half,BFloat16,Long,Int,Short,Char,Byte,Bool}
-  Storage`` and ``torch.storage.UntypedStorage``; and the dtypes
-  ``torch.<name>`` for the names in ``_ELEMENTS`` (torch 2.x writes them with
-  ``_rebuild_tensor_v3`` for dtypes that lack a storage class, e.g. uint16).
+  Storage`` and ``torch.storage.UntypedStorage``; and ``torch.uint16``,
+  ``torch.uint32``, ``torch.uint64`` (the only dtypes torch 2.13 pickles by
+  name: they lack a storage class, so it writes ``_rebuild_tensor_v3``).
   Any other global -- ``os.system``, ``posix.system``, ``builtins.eval``,
   ``subprocess.Popen``, complex or float8 storages -- raises CheckpointError
   naming it.
@@ -71,11 +73,23 @@ _STORAGES = {
     "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
     "BoolStorage": "bool",
 }
+# dtypes torch 2.x pickles as ``torch.<name>`` (with _rebuild_tensor_v3 and an
+# UntypedStorage) because they have no storage class; the others never appear.
+_DTYPE_GLOBALS = ("uint16", "uint32", "uint64")
 _REBUILDERS = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
                "_rebuild_parameter", "_rebuild_parameter_with_state")
 
 
-class _DType:
+class _StandIn:
+    """Base of the stand-ins: pickle's BUILD opcode may not modify them."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise TypeError(f"a pickle tried to modify a {type(self).__name__}")
+
+
+class _DType(_StandIn):
     """Stand-in for ``torch.<dtype>``: the name of an element type."""
 
     __slots__ = ("name",)
@@ -87,7 +101,7 @@ class _DType:
         return np.dtype(_ELEMENTS[self.name]).newbyteorder("<" if byteorder == "little" else ">")
 
 
-class _StorageType:
+class _StorageType(_StandIn):
     """Stand-in for a torch storage class; ``element`` is None when untyped."""
 
     __slots__ = ("name", "element")
@@ -96,7 +110,7 @@ class _StorageType:
         self.name, self.element = name, element
 
 
-class _Storage:
+class _Storage(_StandIn):
     """A storage read from the zip: a flat read-only array (bytes if untyped)."""
 
     __slots__ = ("flat", "element")
@@ -105,8 +119,20 @@ class _Storage:
         self.flat, self.element = flat, element
 
 
+class _Callable(_StandIn):
+    """Stand-in for an allowed function or class: calls ``func``, nothing else."""
+
+    __slots__ = ("func",)
+
+    def __init__(self, func):
+        self.func = func
+
+    def __call__(self, *args):
+        return self.func(*args)
+
+
 class _OrderedDict(dict):
-    """Stand-in for collections.OrderedDict; pickled attributes are dropped."""
+    """What ``collections.OrderedDict()`` builds; pickled attributes are dropped."""
 
     def __setstate__(self, state):
         pass
@@ -115,12 +141,22 @@ class _OrderedDict(dict):
 _OrderedDict.__name__ = _OrderedDict.__qualname__ = "OrderedDict"  # for messages
 
 
-# (module, name) -> stand-in; the rebuild functions are methods of _Unpickler.
-_CONSTANTS = {("collections", "OrderedDict"): _OrderedDict,
-              ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", None)}
-_CONSTANTS.update({("torch", n): _StorageType(n, _DType(e)) for n, e in _STORAGES.items()})
-_CONSTANTS.update({("torch", n): _DType(n) for n in _ELEMENTS})
-ALLOWED_GLOBALS = frozenset(_CONSTANTS) | {("torch._utils", n) for n in _REBUILDERS}
+def _stand_ins(unpickler):
+    """(module, name) -> a fresh stand-in, made anew for every load so that
+    nothing a file does to one can reach another load."""
+    table = {("collections", "OrderedDict"): _Callable(_OrderedDict),
+             ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", None)}
+    dtypes = {n: _DType(n) for n in _ELEMENTS}
+    table.update({("torch", n): dtypes[n] for n in _DTYPE_GLOBALS})
+    table.update({("torch", n): _StorageType(n, dtypes[e]) for n, e in _STORAGES.items()})
+    table.update({("torch._utils", n): _Callable(getattr(unpickler, n)) for n in _REBUILDERS})
+    return table
+
+
+ALLOWED_GLOBALS = frozenset(
+    [("collections", "OrderedDict"), ("torch.storage", "UntypedStorage")]
+    + [("torch", n) for n in _DTYPE_GLOBALS + tuple(_STORAGES)]
+    + [("torch._utils", n) for n in _REBUILDERS])
 
 
 def _refuse_global(path, module, name):
@@ -138,12 +174,11 @@ class _Unpickler(pickle.Unpickler):
         self._reader = reader
         self._storages = {}
         self._output_bytes = 0
+        self._globals = _stand_ins(self)
 
     def find_class(self, module, name):
-        if (module, name) in _CONSTANTS:
-            return _CONSTANTS[module, name]
-        if (module, name) in ALLOWED_GLOBALS:
-            return getattr(self, name)
+        if (module, name) in self._globals:
+            return self._globals[module, name]
         raise _refuse_global(self._reader.path, module, name)
 
     def persistent_load(self, pid):
@@ -169,7 +204,7 @@ class _Unpickler(pickle.Unpickler):
         self._storages[key] = (stype, numel, storage)
         return storage
 
-    # -- stand-ins for torch._utils ------------------------------------------
+    # -- stand-ins for torch._utils --------------------------------------------
 
     def _rebuild_tensor(self, storage, storage_offset, size, stride):
         return self._tensor(storage, storage_offset, size, stride, None)
@@ -284,8 +319,7 @@ def _scan(data, path):
 def _as_state_dict(obj, path):
     if not isinstance(obj, dict):
         raise error(path, f"the checkpoint holds an object of type {type(obj).__name__}, "
-                          "expected a dict "
-                          "of name -> tensor")
+                          "expected a dict of name -> tensor")
     if len(obj) == 1:
         ((key, value),) = obj.items()
         if key in ("state_dict", "model") and isinstance(value, dict):

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Build lorac._C with AddressSanitizer + UndefinedBehaviorSanitizer and run the
+# whole test suite against that build, with the ASan runtime preloaded into the
+# (uninstrumented) Python interpreter.  Any sanitizer report fails the run.
+#
+#   .ci/sanitize.sh [pytest args...]        (uses the current python3 and its packages)
+#
+# Leak detection is on; Python's, NumPy's and OpenBLAS's own allocations that
+# live until exit are suppressed by .ci/lsan.supp, so only leaks with a frame
+# in lorac's code (or an unknown library) are reported.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+# a private copy: the sanitized build must not overwrite an in-place dev build
+tar -C "$repo" --exclude=./build --exclude='*.so' --exclude=.git -cf - . | tar -C "$work" -xf -
+cd "$work"
+# setup.py's build requirements (pip's isolated build installs them for `pip install .`)
+python3 -m pip install -q "setuptools>=77" wheel "numpy>=2.0" scipy-openblas32
+LORAC_SANITIZE=address,undefined python3 setup.py -q build_ext --inplace -t "$work/build-asan" 2>&1 \
+    | { grep -iE "warning|error" || true; }
+
+if ! nm -D "$(ls "$work"/lorac/_C*.so)" | grep -q __asan_init; then
+    echo "sanitize: the build is not instrumented" >&2
+    exit 1
+fi
+asan_lib="$(gcc -print-file-name=libasan.so)"
+ubsan_lib="$(gcc -print-file-name=libubsan.so)"
+export LD_PRELOAD="$asan_lib:$ubsan_lib"
+export ASAN_OPTIONS="detect_leaks=1:exitcode=86:abort_on_error=0:allocator_may_return_null=1"
+export LSAN_OPTIONS="suppressions=$repo/.ci/lsan.supp:print_suppressions=0"
+export UBSAN_OPTIONS="halt_on_error=1:exitcode=87:print_stacktrace=1"
+export PYTHONMALLOC=malloc        # every Python allocation goes through ASan's malloc
+export PYTHONPATH="$work"
+export LORAC_UNDER_SANITIZER=1    # tests that measure RSS or time skip themselves
+
+set +e
+python3 -m pytest -q -p no:cacheprovider "$work/tests" "$@" 2>&1 | tee "$work/sanitize.log"
+status=${PIPESTATUS[0]}
+set -e
+if grep -qE "ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:" "$work/sanitize.log"; then
+    echo "sanitize: sanitizer report found (see above)" >&2
+    exit 1
+fi
+exit "$status"
