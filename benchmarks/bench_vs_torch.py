@@ -30,7 +30,8 @@ Ratios are lorac / torch (below 1: lorac faster).  Targets: training step
 <= 0.5x at the small size and <= 0.9x at the large size; MergedLinear forward
 (train mode) at least 2x faster than loralib's, i.e. fwd ratio <= 0.5.
 
-    python benchmarks/bench_vs_torch.py [--threads T] [--quick] [--repeats R] [--json out.json]
+    python benchmarks/bench_vs_torch.py [--threads T] [--quick | --sizes small large]
+        [--layers Linear Embedding MergedLinear] [--repeats R] [--gap S] [--json out.json]
 """
 
 import argparse

@@ -29,12 +29,20 @@
 #include "layernorm.h"
 #include "loss.h"
 #include "optim.h"
+/* many adapters (issue 6) */
+#include "lora_multi.h"
+#include "lora_moe.h"
 
 /* ------------------------------------------------------------------------ */
 /* Validation helpers                                                        */
 /* ------------------------------------------------------------------------ */
 
 #define ANY_DIM (-1) /* wildcard in an expected shape */
+
+/* Longest list argument the binding expands into a Python list (enable_lora
+ * when out_features is 0, the adapter lists of a mixed batch): a lazy
+ * sequence such as range(10**12) is refused instead of exhausting memory. */
+#define LORAC_MAX_LIST_LEN (1 << 20)
 
 /* An array a kernel can use, with its row stride in elements. */
 typedef struct {
@@ -224,6 +232,125 @@ static int check_finite(const char *func, const char *name, double v)
 }
 
 static void *data_or_null(const KArray *k) { return k->arr ? PyArray_DATA(k->arr) : NULL; }
+
+/* ---- Aliasing (issue 7) -------------------------------------------------- */
+
+/* The bytes [*lo, *hi) an array can touch, from its data pointer, shape and
+ * strides (negative strides included).  An empty array touches nothing. */
+static void byte_extent(PyArrayObject *arr, uintptr_t *lo, uintptr_t *hi)
+{
+    const uintptr_t start = (uintptr_t)PyArray_BYTES(arr);
+    *lo = *hi = start;
+    if (PyArray_SIZE(arr) == 0)
+        return;
+    npy_intp below = 0, above = PyArray_ITEMSIZE(arr);
+    for (int i = 0; i < PyArray_NDIM(arr); i++) {
+        const npy_intp span = (PyArray_DIMS(arr)[i] - 1) * PyArray_STRIDES(arr)[i];
+        if (span < 0)
+            below += span;
+        else
+            above += span;
+    }
+    *lo = start - (uintptr_t)(-below);
+    *hi = start + (uintptr_t)above;
+}
+
+/* 1 when the byte extents of a and b intersect (a quick, conservative test). */
+static int extents_overlap(PyArrayObject *a, PyArrayObject *b)
+{
+    uintptr_t alo, ahi, blo, bhi;
+    byte_extent(a, &alo, &ahi);
+    byte_extent(b, &blo, &bhi);
+    return alo < ahi && blo < bhi && alo < bhi && blo < ahi;
+}
+
+/* 1 when a and b share at least one byte, 0 when not, -1 with an exception.
+ * Extents that intersect are settled exactly by numpy.shares_memory (views
+ * interleaved in one buffer, e.g. two column blocks, do not share); a problem
+ * too hard for it (TooHardError, a RuntimeError) counts as sharing. */
+static int arrays_share_memory(PyArrayObject *a, PyArrayObject *b)
+{
+    if (!extents_overlap(a, b))
+        return 0;
+    PyObject *numpy = PyImport_ImportModule("numpy");
+    if (!numpy)
+        return -1;
+    PyObject *res = PyObject_CallMethod(numpy, "shares_memory", "OO", (PyObject *)a, (PyObject *)b);
+    Py_DECREF(numpy);
+    if (!res) {
+        if (!PyErr_ExceptionMatches(PyExc_RuntimeError))
+            return -1;
+        PyErr_Clear();
+        return 1;
+    }
+    const int shared = PyObject_IsTrue(res);
+    Py_DECREF(res);
+    return shared;
+}
+
+/* An operand of resolve_aliasing: the caller's reference to a validated array
+ * (*arr NULL: argument absent) and, for a KArray, its row stride to update
+ * when the array is replaced by a copy. */
+typedef struct {
+    const char *name;
+    PyArrayObject **arr;
+    ptrdiff_t *ld;
+} AliasArg;
+
+#define ALIAS_KARRAY(name, karray) {(name), &(karray).arr, &(karray).ld}
+#define ALIAS_ARRAY(name, array) {(name), &(array), NULL}
+#define ALIAS_COUNT(list) ((int)(sizeof(list) / sizeof((list)[0])))
+
+/* Every entry point that writes into arrays the caller passed calls this once,
+ * after validating its arguments and before its kernel runs:
+ *  - two in-place outputs that share memory: ValueError (no order of updates
+ *    makes that right);
+ *  - an input whose bytes overlap an in-place output is replaced by a private
+ *    C-contiguous copy, so the kernel reads the values the input had when the
+ *    call began (NumPy's rule for ufuncs with out=).
+ * Returns 0, or -1 with an exception set (nothing has been written). */
+static int resolve_aliasing(const char *func, AliasArg *inputs, int n_inputs, const AliasArg *outputs,
+                            int n_outputs)
+{
+    for (int i = 0; i < n_outputs; i++) {
+        for (int j = i + 1; j < n_outputs; j++) {
+            PyArrayObject *a = *outputs[i].arr, *b = *outputs[j].arr;
+            if (!a || !b)
+                continue;
+            const int shared = arrays_share_memory(a, b);
+            if (shared < 0)
+                return -1;
+            if (shared) {
+                PyErr_Format(PyExc_ValueError, "%s(): '%s' and '%s' are both updated in place and must not "
+                             "share memory, got overlapping arrays", func, outputs[i].name, outputs[j].name);
+                return -1;
+            }
+        }
+    }
+    for (int i = 0; i < n_inputs; i++) {
+        PyArrayObject *in = *inputs[i].arr;
+        for (int j = 0; in && j < n_outputs; j++) {
+            if (!*outputs[j].arr || !extents_overlap(in, *outputs[j].arr))
+                continue;
+            PyArrayObject *copy = (PyArrayObject *)PyArray_NewCopy(in, NPY_CORDER);
+            if (!copy)
+                return -1;
+            ptrdiff_t ld = 1;
+            if (inputs[i].ld && !kernel_layout_ok(copy, &ld)) { /* cannot happen for a fresh C array */
+                Py_DECREF(copy);
+                PyErr_Format(PyExc_ValueError, "%s(): could not copy '%s' away from '%s'", func, inputs[i].name,
+                             outputs[j].name);
+                return -1;
+            }
+            Py_SETREF(*inputs[i].arr, copy);
+            if (inputs[i].ld)
+                *inputs[i].ld = ld;
+            break;
+        }
+    }
+    return 0;
+}
+/* ---- end of aliasing ---- */
 
 /* ------------------------------------------------------------------------ */
 /* LoRA Linear                                                               */
@@ -423,6 +550,13 @@ static PyObject *py_linear_backward(PyObject *self, PyObject *args, PyObject *kw
         PyErr_Format(PyExc_ValueError, "%s(): grad_lora_A/grad_lora_B given but lora_A/lora_B are None", func);
         goto fail;
     }
+    AliasArg alias_in[] = {ALIAS_KARRAY("grad_output", g), ALIAS_KARRAY("x", op.x), ALIAS_KARRAY("weight", op.w),
+                           ALIAS_KARRAY("lora_A", op.a), ALIAS_KARRAY("lora_B", op.b), ALIAS_KARRAY("u", u),
+                           ALIAS_KARRAY("mask", op.mask)};
+    AliasArg alias_out[] = {ALIAS_KARRAY("grad_weight", gw), ALIAS_KARRAY("grad_bias", gbias),
+                            ALIAS_KARRAY("grad_lora_A", ga), ALIAS_KARRAY("grad_lora_B", gbb)};
+    if (resolve_aliasing(func, alias_in, ALIAS_COUNT(alias_in), alias_out, ALIAS_COUNT(alias_out)) < 0)
+        goto fail;
     if (need_input_grad && !(dx = new_matrix(op.typenum, op.n, op.in)))
         goto fail;
 
@@ -492,6 +626,10 @@ static PyObject *py_linear_merge(PyObject *self, PyObject *args, PyObject *kwarg
     npy_intp r = PyArray_DIMS(a.arr)[0];
     npy_intp bshape[2] = {out, r};
     if (get_array(func, "lora_B", lora_b, typenum, 2, bshape, "(out, r)", IN_ARRAY, &b) < 0)
+        goto fail;
+    AliasArg alias_in[] = {ALIAS_KARRAY("lora_A", a), ALIAS_KARRAY("lora_B", b)};
+    AliasArg alias_out[] = {ALIAS_KARRAY("weight", w)};
+    if (resolve_aliasing(func, alias_in, ALIAS_COUNT(alias_in), alias_out, ALIAS_COUNT(alias_out)) < 0)
         goto fail;
     Py_BEGIN_ALLOW_THREADS
     if (typenum == NPY_FLOAT32)
@@ -599,6 +737,10 @@ static PyObject *py_sgd_step(PyObject *self, PyObject *args, PyObject *kwargs)
         get_array(func, "grad", grad_obj, typenum, 1, shape, "(n,)", IN_ARRAY, &g) < 0 ||
         get_optional_array(func, "momentum_buffer", buf_obj, typenum, 1, shape, "(n,)", INOUT_ARRAY, &buf) < 0)
         goto fail;
+    AliasArg alias_in[] = {ALIAS_KARRAY("grad", g)};
+    AliasArg alias_out[] = {ALIAS_KARRAY("param", p), ALIAS_KARRAY("momentum_buffer", buf)};
+    if (resolve_aliasing(func, alias_in, ALIAS_COUNT(alias_in), alias_out, ALIAS_COUNT(alias_out)) < 0)
+        goto fail;
     SgdHyper h = {.lr = lr, .momentum = momentum, .dampening = dampening, .weight_decay = weight_decay,
                   .nesterov = nesterov, .maximize = maximize, .init_buffer = init_buffer};
     Py_BEGIN_ALLOW_THREADS
@@ -661,6 +803,11 @@ static PyObject *py_adam_step(PyObject *self, PyObject *args, PyObject *kwargs)
         get_array(func, "exp_avg", m_obj, typenum, 1, shape, "(n,)", INOUT_ARRAY, &m) < 0 ||
         get_array(func, "exp_avg_sq", v_obj, typenum, 1, shape, "(n,)", INOUT_ARRAY, &v) < 0 ||
         get_optional_array(func, "max_exp_avg_sq", vmax_obj, typenum, 1, shape, "(n,)", INOUT_ARRAY, &vmax) < 0)
+        goto fail;
+    AliasArg alias_in[] = {ALIAS_KARRAY("grad", g)};
+    AliasArg alias_out[] = {ALIAS_KARRAY("param", p), ALIAS_KARRAY("exp_avg", m), ALIAS_KARRAY("exp_avg_sq", v),
+                            ALIAS_KARRAY("max_exp_avg_sq", vmax)};
+    if (resolve_aliasing(func, alias_in, ALIAS_COUNT(alias_in), alias_out, ALIAS_COUNT(alias_out)) < 0)
         goto fail;
     AdamHyper h = {.lr = lr, .beta1 = beta1, .beta2 = beta2, .eps = eps, .weight_decay = weight_decay,
                    .step = (int64_t)step, .decoupled = decoupled, .amsgrad = amsgrad, .maximize = maximize};
@@ -1099,6 +1246,11 @@ static PyObject *py_layernorm_backward(PyObject *self, PyObject *args, PyObject 
         get_optional_array(func, "grad_weight", gw_obj, typenum, 1, dshape, "(D,)", INOUT_ARRAY, &gw) < 0 ||
         get_optional_array(func, "grad_bias", gb_obj, typenum, 1, dshape, "(D,)", INOUT_ARRAY, &gb) < 0)
         goto done;
+    AliasArg alias_in[] = {ALIAS_KARRAY("grad_output", g), ALIAS_KARRAY("x", x), ALIAS_KARRAY("weight", w),
+                           ALIAS_KARRAY("mean", m), ALIAS_KARRAY("rstd", r)};
+    AliasArg alias_out[] = {ALIAS_KARRAY("grad_weight", gw), ALIAS_KARRAY("grad_bias", gb)};
+    if (resolve_aliasing(func, alias_in, ALIAS_COUNT(alias_in), alias_out, ALIAS_COUNT(alias_out)) < 0)
+        goto done;
     if (need_input_grad && !(dx = new_matrix(typenum, n, d)))
         goto done;
     const void *gd = PyArray_DATA(g.arr), *xd = PyArray_DATA(x.arr), *wd = data_or_null(&w);
@@ -1155,6 +1307,14 @@ static int get_indices(const char *func, PyObject *obj, npy_intp num, PyArrayObj
         Py_XDECREF(got);
         return -1;
     }
+    /* refused before the conversion below allocates anything (issue 7: a
+     * zero-stride view can claim 2**32 entries without any memory) */
+    const npy_intp n = PyArray_SIZE(arr);
+    if (n > LORAC_BLAS_INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s(): 'indices' has %lld entries; BLAS's 32-bit integers allow at most %d",
+                     func, (long long)n, LORAC_BLAS_INT_MAX);
+        return -1;
+    }
     /* uint64 entries >= 2**63 turn negative in intp: print those unsigned */
     const int wide_unsigned = PyArray_ISUNSIGNED(arr) && PyArray_ITEMSIZE(arr) >= (int)sizeof(npy_intp);
     PyArrayObject *idx = (PyArrayObject *)PyArray_FROMANY(obj, NPY_INTP, 0, 0,
@@ -1162,13 +1322,6 @@ static int get_indices(const char *func, PyObject *obj, npy_intp num, PyArrayObj
                                                               NPY_ARRAY_FORCECAST);
     if (!idx)
         return -1;
-    const npy_intp n = PyArray_SIZE(idx);
-    if (n > LORAC_BLAS_INT_MAX) {
-        PyErr_Format(PyExc_ValueError, "%s(): 'indices' has %lld entries; BLAS's 32-bit integers allow at most %d",
-                     func, (long long)n, LORAC_BLAS_INT_MAX);
-        Py_DECREF(idx);
-        return -1;
-    }
     const npy_intp *v = PyArray_DATA(idx);
     for (npy_intp i = 0; i < n; i++) {
         if (v[i] < 0 || v[i] >= num) {
@@ -1372,6 +1525,14 @@ static PyObject *py_embedding_backward(PyObject *self, PyObject *args, PyObject 
         PyErr_Format(PyExc_ValueError, "%s(): grad_lora_A/grad_lora_B given but lora_A/lora_B are None", func);
         goto fail;
     }
+    /* the indices too: an index array sharing a gradient's bytes would change under the kernel */
+    AliasArg alias_in[] = {ALIAS_KARRAY("grad_output", g), ALIAS_ARRAY("indices", op.idx),
+                           ALIAS_KARRAY("weight", op.w), ALIAS_KARRAY("lora_A", op.a), ALIAS_KARRAY("lora_B", op.b),
+                           ALIAS_KARRAY("u", u)};
+    AliasArg alias_out[] = {ALIAS_KARRAY("grad_weight", gw), ALIAS_KARRAY("grad_lora_A", ga),
+                            ALIAS_KARRAY("grad_lora_B", gbb)};
+    if (resolve_aliasing(func, alias_in, ALIAS_COUNT(alias_in), alias_out, ALIAS_COUNT(alias_out)) < 0)
+        goto fail;
 
     LoraEmbedding E = embedding_kernel_args(&op, scaling, padding_idx);
     LoraEmbeddingGrads G = {
@@ -1425,6 +1586,16 @@ static void merged_operands_release(MergedOperands *op)
 /* enable_lora: a non-empty sequence of bools whose length divides out. */
 static int parse_enable_lora(const char *func, PyObject *obj, npy_intp out, MergedOperands *op)
 {
+    /* the length first (issue 7): a lazy sequence (range(10**12), a zero-stride
+     * array) must be refused before PySequence_Fast expands it into a list */
+    const Py_ssize_t len = PySequence_Check(obj) ? PySequence_Size(obj) : 0;
+    if (len < 0)
+        return -1;
+    if (len > 0 && (out % len != 0 || (out == 0 && len > LORAC_MAX_LIST_LEN))) {
+        PyErr_Format(PyExc_ValueError, "%s(): len(enable_lora) = %zd must divide out_features = %lld (and be at "
+                     "most %d)", func, len, (long long)out, LORAC_MAX_LIST_LEN);
+        return -1;
+    }
     PyObject *seq = PySequence_Fast(obj, "");
     if (!seq) {
         PyErr_Clear();
@@ -1645,6 +1816,13 @@ static PyObject *py_merged_linear_backward(PyObject *self, PyObject *args, PyObj
         PyErr_Format(PyExc_ValueError, "%s(): grad_lora_A/grad_lora_B given but lora_A/lora_B are None", func);
         goto fail;
     }
+    AliasArg alias_in[] = {ALIAS_KARRAY("grad_output", g), ALIAS_KARRAY("x", op.lin.x),
+                           ALIAS_KARRAY("weight", op.lin.w), ALIAS_KARRAY("lora_A", op.a), ALIAS_KARRAY("lora_B", op.b),
+                           ALIAS_KARRAY("u", u), ALIAS_KARRAY("mask", op.lin.mask)};
+    AliasArg alias_out[] = {ALIAS_KARRAY("grad_weight", gw), ALIAS_KARRAY("grad_bias", gbias),
+                            ALIAS_KARRAY("grad_lora_A", ga), ALIAS_KARRAY("grad_lora_B", gbb)};
+    if (resolve_aliasing(func, alias_in, ALIAS_COUNT(alias_in), alias_out, ALIAS_COUNT(alias_out)) < 0)
+        goto fail;
     if (need_input_grad && !(dx = new_matrix(typenum, lin->n, lin->in)))
         goto fail;
 
@@ -1723,6 +1901,13 @@ static PyObject *py_merged_linear_merge(PyObject *self, PyObject *args, PyObject
         merged_operands_release(&op);
         return NULL;
     }
+    AliasArg alias_in[] = {ALIAS_KARRAY("lora_A", op.a), ALIAS_KARRAY("lora_B", op.b)};
+    AliasArg alias_out[] = {ALIAS_KARRAY("weight", w)};
+    if (resolve_aliasing(func, alias_in, ALIAS_COUNT(alias_in), alias_out, ALIAS_COUNT(alias_out)) < 0) {
+        karray_release(&w);
+        merged_operands_release(&op);
+        return NULL;
+    }
     LoraMergedLinear M = merged_kernel_args(&op, fan_in_fan_out, 0.0, 1.0);
     Py_BEGIN_ALLOW_THREADS
     if (typenum == NPY_FLOAT32)
@@ -1734,6 +1919,551 @@ static PyObject *py_merged_linear_merge(PyObject *self, PyObject *args, PyObject
     merged_operands_release(&op);
     Py_RETURN_NONE;
 }
+
+/* ======================================================================== */
+/* ---- Many adapters (issue 6): mixed batch, MoLoRA ----                    */
+/* Kernels: lora_multi.h (one batch, an adapter per row), lora_moe.h.        */
+/* ======================================================================== */
+
+/* The k adapters of a mixed-batch call, validated: arrays and kernel refs. */
+typedef struct {
+    Py_ssize_t k;
+    KArray *a, *b;         /* (k) owned references */
+    LoraAdapterRef *refs;  /* (k) */
+} AdapterList;
+
+static void adapter_list_release(AdapterList *l)
+{
+    for (Py_ssize_t j = 0; l->a && j < l->k; j++) {
+        karray_release(&l->a[j]);
+        karray_release(&l->b[j]);
+    }
+    free(l->a);
+    free(l->b);
+    free(l->refs);
+    memset(l, 0, sizeof *l);
+}
+
+/* lora_As / lora_Bs: sequences of k arrays, scalings: a sequence of k finite
+ * numbers.  Adapter j: A_j (groups * r_j, fan_in), B_j (groups * fan_out, r_j)
+ * where `groups` is the number of stacked blocks (n_enabled; 1 for Linear and
+ * Embedding) and fan_out the rows of B per block.  Hints name the shapes. */
+static int adapter_list_parse(const char *func, PyObject *as_obj, PyObject *bs_obj, PyObject *sc_obj, int typenum,
+                              npy_intp fan_in, npy_intp fan_out, npy_intp groups, const char *a_hint,
+                              const char *b_hint, AdapterList *l)
+{
+    memset(l, 0, sizeof *l);
+    PyObject *as = NULL, *bs = NULL, *sc = NULL;
+    const char *names[3] = {"lora_As", "lora_Bs", "scalings"};
+    PyObject *objs[3] = {as_obj, bs_obj, sc_obj}, **seqs[3] = {&as, &bs, &sc};
+    for (int i = 0; i < 3; i++) {
+        if (PyArray_Check(objs[i]) && i < 2) { /* an array is not a list of adapters */
+            PyErr_Format(PyExc_TypeError, "%s(): '%s' must be a list of numpy arrays (one per adapter), got %s",
+                         func, names[i], Py_TYPE(objs[i])->tp_name);
+            goto fail;
+        }
+        /* the length first (issue 7): range(10**12) must not be expanded into a list */
+        const Py_ssize_t len = PySequence_Check(objs[i]) ? PySequence_Size(objs[i]) : 0;
+        if (len < 0)
+            goto fail;
+        if (len > LORAC_MAX_LIST_LEN) {
+            PyErr_Format(PyExc_ValueError, "%s(): '%s' has %zd entries; at most %d adapters per call", func,
+                         names[i], len, LORAC_MAX_LIST_LEN);
+            goto fail;
+        }
+        /* a private list (issue 7): PySequence_Fast would hand back the caller's
+         * own list, which a scalings[j].__float__ could empty while we hold
+         * borrowed items of it (a use-after-free) */
+        *seqs[i] = PySequence_List(objs[i]);
+        if (!*seqs[i]) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s(): '%s' must be a sequence (one entry per adapter), got %s", func,
+                         names[i], Py_TYPE(objs[i])->tp_name);
+            goto fail;
+        }
+    }
+    const Py_ssize_t k = PySequence_Fast_GET_SIZE(as);
+    if (PySequence_Fast_GET_SIZE(bs) != k || PySequence_Fast_GET_SIZE(sc) != k) {
+        PyErr_Format(PyExc_ValueError, "%s(): 'lora_As', 'lora_Bs' and 'scalings' must have the same length "
+                     "(one entry per adapter), got %zd, %zd and %zd", func, k, PySequence_Fast_GET_SIZE(bs),
+                     PySequence_Fast_GET_SIZE(sc));
+        goto fail;
+    }
+    l->a = calloc((size_t)(k > 0 ? k : 1), sizeof(KArray));
+    l->b = calloc((size_t)(k > 0 ? k : 1), sizeof(KArray));
+    l->refs = calloc((size_t)(k > 0 ? k : 1), sizeof(LoraAdapterRef));
+    if (!l->a || !l->b || !l->refs) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    l->k = k;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        char name[48];
+        snprintf(name, sizeof name, "lora_As[%zd]", j);
+        npy_intp ashape[2] = {ANY_DIM, fan_in};
+        if (get_array(func, name, PySequence_Fast_GET_ITEM(as, j), typenum, 2, ashape, a_hint, IN_ARRAY,
+                      &l->a[j]) < 0)
+            goto fail;
+        const npy_intp rows = PyArray_DIMS(l->a[j].arr)[0];
+        if (rows % groups != 0) {
+            PyErr_Format(PyExc_ValueError, "%s(): '%s' must have shape %s with n_enabled = %lld, got %lld rows "
+                         "(not a multiple)", func, name, a_hint, (long long)groups, (long long)rows);
+            goto fail;
+        }
+        const npy_intp r = rows / groups;
+        snprintf(name, sizeof name, "lora_Bs[%zd]", j);
+        npy_intp bshape[2] = {groups * fan_out, r};
+        if (get_array(func, name, PySequence_Fast_GET_ITEM(bs, j), typenum, 2, bshape, b_hint, IN_ARRAY,
+                      &l->b[j]) < 0)
+            goto fail;
+        PyObject *s_item = PySequence_Fast_GET_ITEM(sc, j);
+        if (!PyFloat_Check(s_item) && !PyLong_Check(s_item) && !PyArray_IsScalar(s_item, Number)) {
+            PyErr_Format(PyExc_TypeError, "%s(): 'scalings[%zd]' must be a real number, got %s", func, j,
+                         Py_TYPE(s_item)->tp_name);
+            goto fail;
+        }
+        const double s = PyFloat_AsDouble(s_item);
+        if (s == -1.0 && PyErr_Occurred())
+            goto fail;
+        snprintf(name, sizeof name, "scalings[%zd]", j);
+        if (check_finite(func, name, s) < 0)
+            goto fail;
+        LoraAdapterRef ref = {
+            .a = PyArray_DATA(l->a[j].arr), .lda = l->a[j].ld,
+            .b = PyArray_DATA(l->b[j].arr), .ldb = l->b[j].ld,
+            .r = r, .scaling = s,
+        };
+        l->refs[j] = ref;
+    }
+    Py_DECREF(as);
+    Py_DECREF(bs);
+    Py_DECREF(sc);
+    return 0;
+fail:
+    Py_XDECREF(as);
+    Py_XDECREF(bs);
+    Py_XDECREF(sc);
+    adapter_list_release(l);
+    return -1;
+}
+
+/* ids: an integer ndarray of shape (n,), every entry in [-1, k) -> a
+ * C-contiguous intp copy (or the array itself when already one). */
+static int get_adapter_ids(const char *func, PyObject *obj, npy_intp n, npy_intp k, PyArrayObject **out)
+{
+    *out = NULL;
+    if (!PyArray_Check(obj) || !PyArray_ISINTEGER((PyArrayObject *)obj)) {
+        PyObject *got = PyArray_Check(obj) ? PyObject_Str((PyObject *)PyArray_DESCR((PyArrayObject *)obj))
+                                           : PyUnicode_FromString(Py_TYPE(obj)->tp_name);
+        PyErr_Format(PyExc_TypeError, "%s(): 'ids' must be a numpy.ndarray of an integer dtype, got %S", func,
+                     got ? got : Py_None);
+        Py_XDECREF(got);
+        return -1;
+    }
+    if (PyArray_NDIM((PyArrayObject *)obj) != 1 || PyArray_DIMS((PyArrayObject *)obj)[0] != n) {
+        char got[96];
+        format_shape(got, sizeof got, PyArray_NDIM((PyArrayObject *)obj), PyArray_DIMS((PyArrayObject *)obj));
+        PyErr_Format(PyExc_ValueError, "%s(): 'ids' must have shape (N,) = (%lld,) (one adapter per row), "
+                     "got shape %s", func, (long long)n, got);
+        return -1;
+    }
+    PyArrayObject *ids = (PyArrayObject *)PyArray_FROMANY(obj, NPY_INTP, 1, 1,
+                                                          NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED |
+                                                              NPY_ARRAY_FORCECAST);
+    if (!ids)
+        return -1;
+    const npy_intp *v = PyArray_DATA(ids);
+    const int wide_unsigned = PyArray_ISUNSIGNED((PyArrayObject *)obj) &&
+                              PyArray_ITEMSIZE((PyArrayObject *)obj) >= (int)sizeof(npy_intp);
+    for (npy_intp i = 0; i < n; i++) {
+        if (v[i] < -1 || v[i] >= k || (wide_unsigned && v[i] < 0)) {
+            if (wide_unsigned && v[i] < 0)
+                PyErr_Format(PyExc_ValueError, "%s(): 'ids' must lie in [-1, %lld) (-1: no adapter), got %llu at "
+                             "row %lld", func, (long long)k, (unsigned long long)v[i], (long long)i);
+            else
+                PyErr_Format(PyExc_ValueError, "%s(): 'ids' must lie in [-1, %lld) (-1: no adapter), got %lld at "
+                             "row %lld", func, (long long)k, (long long)v[i], (long long)i);
+            Py_DECREF(ids);
+            return -1;
+        }
+    }
+    *out = ids;
+    return 0;
+}
+
+PyDoc_STRVAR(multi_linear_forward_doc,
+"multi_linear_forward(x, weight, bias, lora_As, lora_Bs, scalings, ids, fan_in_fan_out,\n"
+"                     enable_lora=None, contiguous_runs=True, with_base=True) -> y\n\n"
+"Mixed batch: row i of x (N, in) gets adapter ids[i] (an integer array (N,), -1 = none):\n"
+"y[i] = x[i] W0^T + bias + scalings[k] (x[i] A_k^T) B_k^T.  lora_As / lora_Bs: lists of the\n"
+"K adapters' A_k (r_k, in) and B_k (out, r_k) (per-adapter ranks), scalings: K numbers.\n"
+"enable_lora (MergedLinear): A_k (r_k * n_enabled, in), B_k (out / len(enable_lora) *\n"
+"n_enabled, r_k), each enabled group adding into its output block.  The base GEMM runs once;\n"
+"rows are grouped by adapter in C.  contiguous_runs=False forces the gather path.\n"
+"with_base=False returns the adapters' part alone (no x W0^T, no bias), to add to a base\n"
+"output computed elsewhere.");
+
+static PyObject *py_multi_linear_forward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "multi_linear_forward";
+    static char *kwlist[] = {"x", "weight", "bias", "lora_As", "lora_Bs", "scalings", "ids", "fan_in_fan_out",
+                             "enable_lora", "contiguous_runs", "with_base", NULL};
+    PyObject *x, *weight, *bias, *as, *bs, *sc, *ids_obj, *enable_lora = Py_None;
+    int fan_in_fan_out, contiguous_runs = 1, with_base = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOp|Opp:multi_linear_forward", kwlist, &x, &weight, &bias,
+                                     &as, &bs, &sc, &ids_obj, &fan_in_fan_out, &enable_lora, &contiguous_runs,
+                                     &with_base))
+        return NULL;
+    MergedOperands op; /* x, weight, bias (op.lin) and the groups (op.enabled); no adapter arrays */
+    AdapterList list = {0};
+    PyArrayObject *ids = NULL;
+    PyObject *y = NULL;
+    ptrdiff_t one_group = 0;
+    memset(&op, 0, sizeof op);
+    if (linear_operands_parse(func, x, weight, bias, Py_None, Py_None, Py_None, fan_in_fan_out, &op.lin) < 0)
+        return NULL;
+    const LinearOperands *lin = &op.lin;
+    if (enable_lora == Py_None) {
+        op.groups = op.n_enabled = 1;
+    } else if (parse_enable_lora(func, enable_lora, lin->out, &op) < 0) {
+        goto fail;
+    }
+    const npy_intp og = lin->out / op.groups;
+    if (op.n_enabled == 0 && PySequence_Check(as) && PySequence_Size(as) > 0) {
+        PyErr_Format(PyExc_ValueError, "%s(): adapters given but enable_lora has no True entry", func);
+        goto fail;
+    }
+    if (adapter_list_parse(func, as, bs, sc, lin->typenum, lin->in, og, op.n_enabled > 0 ? op.n_enabled : 1,
+                           enable_lora == Py_None ? "(r, in)" : "(r * n_enabled, in)",
+                           enable_lora == Py_None ? "(out, r)" : "(out / len(enable_lora) * n_enabled, r)",
+                           &list) < 0)
+        goto fail;
+    if (get_adapter_ids(func, ids_obj, lin->n, list.k, &ids) < 0)
+        goto fail;
+    if (!(y = new_matrix(lin->typenum, lin->n, lin->out)))
+        goto fail;
+    LoraMultiLinear M = {
+        .n = lin->n, .in = lin->in, .out = lin->out,
+        .groups = op.groups, .n_enabled = op.n_enabled, .enabled = op.enabled ? op.enabled : &one_group,
+        .w_in_out = fan_in_fan_out, .contiguous_runs = contiguous_runs, .with_base = with_base,
+        .x = data_or_null(&lin->x), .ldx = lin->x.ld, .w = data_or_null(&lin->w), .ldw = lin->w.ld,
+        .bias = data_or_null(&lin->bias),
+        .n_adapters = list.k, .adapters = list.refs, .ids = PyArray_DATA(ids),
+    };
+    ptrdiff_t ldy = lin->out > 0 ? lin->out : 1;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    if (lin->typenum == NPY_FLOAT32)
+        status = lorac_multi_linear_forward_f32(&M, PyArray_DATA((PyArrayObject *)y), ldy);
+    else
+        status = lorac_multi_linear_forward_f64(&M, PyArray_DATA((PyArrayObject *)y), ldy);
+    Py_END_ALLOW_THREADS
+    if (status != 0) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    Py_DECREF(ids);
+    adapter_list_release(&list);
+    merged_operands_release(&op);
+    return y;
+fail:
+    Py_XDECREF(y);
+    Py_XDECREF(ids);
+    adapter_list_release(&list);
+    merged_operands_release(&op);
+    return NULL;
+}
+
+PyDoc_STRVAR(multi_embedding_forward_doc,
+"multi_embedding_forward(indices, weight, lora_As, lora_Bs, scalings, ids) -> y\n\n"
+"Mixed batch of N = indices.size lookups (indices read flat, each in [0, num_embeddings):\n"
+"IndexError otherwise): y[i] = W0[idx[i]] + scalings[k] A_k[:, idx[i]]^T B_k^T with\n"
+"k = ids[i] (an integer array (N,), -1 = none), A_k (r_k, num_embeddings),\n"
+"B_k (embedding_dim, r_k).  Returns y (N, embedding_dim).");
+
+static PyObject *py_multi_embedding_forward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "multi_embedding_forward";
+    static char *kwlist[] = {"indices", "weight", "lora_As", "lora_Bs", "scalings", "ids", NULL};
+    PyObject *indices, *weight, *as, *bs, *sc, *ids_obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO:multi_embedding_forward", kwlist, &indices, &weight,
+                                     &as, &bs, &sc, &ids_obj))
+        return NULL;
+    EmbeddingOperands op;
+    AdapterList list = {0};
+    PyArrayObject *ids = NULL;
+    PyObject *y = NULL;
+    if (embedding_operands_parse(func, indices, weight, Py_None, Py_None, &op) < 0)
+        return NULL;
+    if (adapter_list_parse(func, as, bs, sc, op.typenum, op.num, op.dim, 1, "(r, num_embeddings)",
+                           "(embedding_dim, r)", &list) < 0)
+        goto fail;
+    if (get_adapter_ids(func, ids_obj, op.n, list.k, &ids) < 0)
+        goto fail;
+    if (!(y = new_matrix(op.typenum, op.n, op.dim)))
+        goto fail;
+    LoraMultiEmbedding M = {
+        .n = op.n, .num = op.num, .dim = op.dim, .idx = PyArray_DATA(op.idx),
+        .w = data_or_null(&op.w), .ldw = op.w.ld,
+        .n_adapters = list.k, .adapters = list.refs, .ids = PyArray_DATA(ids),
+    };
+    ptrdiff_t ldy = op.dim > 0 ? op.dim : 1;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    if (op.typenum == NPY_FLOAT32)
+        status = lorac_multi_embedding_forward_f32(&M, PyArray_DATA((PyArrayObject *)y), ldy);
+    else
+        status = lorac_multi_embedding_forward_f64(&M, PyArray_DATA((PyArrayObject *)y), ldy);
+    Py_END_ALLOW_THREADS
+    if (status != 0) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    Py_DECREF(ids);
+    adapter_list_release(&list);
+    embedding_operands_release(&op);
+    return y;
+fail:
+    Py_XDECREF(y);
+    Py_XDECREF(ids);
+    adapter_list_release(&list);
+    embedding_operands_release(&op);
+    return NULL;
+}
+
+/* -- MoLoRA ---------------------------------------------------------------- */
+
+/* Validated operands of a MoLoRA call (see lora_moe.h). */
+typedef struct {
+    LinearOperands lin;  /* x, weight (out, in), bias, lora_A (r, in), lora_B (out, r), mask */
+    npy_intp experts, top_k;
+    KArray router;
+} MoeOperands;
+
+static void moe_operands_release(MoeOperands *op)
+{
+    linear_operands_release(&op->lin);
+    karray_release(&op->router);
+}
+
+/* Validates the Linear operands (lora_A/lora_B required), lora_router (E, in)
+ * with E >= 1 dividing r, and top_k in [1, E]. */
+static int moe_operands_parse(const char *func, PyObject *x, PyObject *weight, PyObject *bias, PyObject *lora_a,
+                              PyObject *lora_b, PyObject *router, long long top_k, PyObject *mask,
+                              MoeOperands *op)
+{
+    memset(op, 0, sizeof *op);
+    if (lora_a == Py_None || lora_b == Py_None) {
+        PyErr_Format(PyExc_TypeError, "%s(): 'lora_A' and 'lora_B' must be numpy arrays, got None", func);
+        return -1;
+    }
+    if (linear_operands_parse(func, x, weight, bias, lora_a, lora_b, mask, 0, &op->lin) < 0)
+        return -1;
+    npy_intp rshape[2] = {ANY_DIM, op->lin.in};
+    if (get_array(func, "lora_router", router, op->lin.typenum, 2, rshape, "(num_experts, in)", IN_ARRAY,
+                  &op->router) < 0)
+        goto fail;
+    op->experts = PyArray_DIMS(op->router.arr)[0];
+    if (op->experts < 1 || op->lin.r % op->experts != 0) {
+        PyErr_Format(PyExc_ValueError, "%s(): 'lora_router' must have num_experts >= 1 rows dividing r = %lld, "
+                     "got %lld rows", func, (long long)op->lin.r, (long long)op->experts);
+        goto fail;
+    }
+    if (top_k < 1 || top_k > op->experts) {
+        PyErr_Format(PyExc_ValueError, "%s(): 'top_k' must lie in [1, num_experts] = [1, %lld], got %lld", func,
+                     (long long)op->experts, top_k);
+        goto fail;
+    }
+    op->top_k = (npy_intp)top_k;
+    return 0;
+fail:
+    moe_operands_release(op);
+    return -1;
+}
+
+static LoraMoe moe_kernel_args(const MoeOperands *op, double scaling, double keep_scale)
+{
+    const LinearOperands *lin = &op->lin;
+    LoraMoe L = {
+        .n = lin->n, .in = lin->in, .out = lin->out, .r = lin->r,
+        .experts = op->experts, .top_k = op->top_k, .scaling = scaling, .keep_scale = keep_scale,
+        .x = data_or_null(&lin->x), .ldx = lin->x.ld, .w = data_or_null(&lin->w), .ldw = lin->w.ld,
+        .bias = data_or_null(&lin->bias),
+        .a = data_or_null(&lin->a), .lda = lin->a.ld, .b = data_or_null(&lin->b), .ldb = lin->b.ld,
+        .router = data_or_null(&op->router), .ldrouter = op->router.ld,
+        .mask = data_or_null(&lin->mask),
+    };
+    return L;
+}
+
+PyDoc_STRVAR(molora_forward_doc,
+"molora_forward(x, weight, bias, lora_A, lora_B, lora_router, scaling, top_k, mask=None,\n"
+"               keep_scale=1.0) -> (y, u, probs, gates)\n\n"
+"Mixture of LoRA experts: x (N, in), W0 (out, in), bias (out,) or None, A (r, in),\n"
+"B (out, r), router R (E, in) with E dividing r, top_k in [1, E] (E: dense gates).\n"
+"probs = softmax(x R^T) (N, E); gates = softmax over each row's top_k logits, 0 elsewhere;\n"
+"u = drop(x) A^T (N, r); y = x W0^T + bias + scaling * (u * expand(gates)) B^T, expert e\n"
+"owning ranks [e r/E, (e+1) r/E).  mask (N, in) uint8 or None: dropout of the adapter input.");
+
+static PyObject *py_molora_forward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "molora_forward";
+    static char *kwlist[] = {"x", "weight", "bias", "lora_A", "lora_B", "lora_router", "scaling", "top_k",
+                             "mask", "keep_scale", NULL};
+    PyObject *x, *weight, *bias, *lora_a, *lora_b, *router, *mask = Py_None;
+    double scaling, keep_scale = 1.0;
+    long long top_k;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOdL|Od:molora_forward", kwlist, &x, &weight, &bias,
+                                     &lora_a, &lora_b, &router, &scaling, &top_k, &mask, &keep_scale))
+        return NULL;
+    if (check_finite(func, "scaling", scaling) < 0 || check_finite(func, "keep_scale", keep_scale) < 0)
+        return NULL;
+    MoeOperands op;
+    if (moe_operands_parse(func, x, weight, bias, lora_a, lora_b, router, top_k, mask, &op) < 0)
+        return NULL;
+    const LinearOperands *lin = &op.lin;
+    PyObject *y = new_matrix(lin->typenum, lin->n, lin->out);
+    PyObject *u = new_matrix(lin->typenum, lin->n, lin->r);
+    PyObject *probs = new_matrix(lin->typenum, lin->n, op.experts);
+    PyObject *gates = new_matrix(lin->typenum, lin->n, op.experts);
+    int status = -2;
+    if (y && u && probs && gates) {
+        LoraMoe L = moe_kernel_args(&op, scaling, keep_scale);
+        ptrdiff_t ldy = lin->out > 0 ? lin->out : 1;
+        void *yd = PyArray_DATA((PyArrayObject *)y), *ud = PyArray_DATA((PyArrayObject *)u);
+        void *pd = PyArray_DATA((PyArrayObject *)probs), *gd = PyArray_DATA((PyArrayObject *)gates);
+        Py_BEGIN_ALLOW_THREADS
+        if (lin->typenum == NPY_FLOAT32)
+            status = lorac_moe_forward_f32(&L, ud, pd, gd, yd, ldy);
+        else
+            status = lorac_moe_forward_f64(&L, ud, pd, gd, yd, ldy);
+        Py_END_ALLOW_THREADS
+        if (status != 0)
+            PyErr_NoMemory();
+    }
+    moe_operands_release(&op);
+    if (status != 0) {
+        Py_XDECREF(y);
+        Py_XDECREF(u);
+        Py_XDECREF(probs);
+        Py_XDECREF(gates);
+        return NULL;
+    }
+    return Py_BuildValue("(NNNN)", y, u, probs, gates);
+}
+
+PyDoc_STRVAR(molora_backward_doc,
+"molora_backward(grad_output, x, weight, lora_A, lora_B, lora_router, u, probs, gates, scaling,\n"
+"                top_k, mask=None, keep_scale=1.0, aux=None, need_input_grad=True,\n"
+"                grad_weight=None, grad_bias=None, grad_lora_A=None, grad_lora_B=None,\n"
+"                grad_lora_router=None) -> grad_input or None\n\n"
+"Backward of molora_forward for grad_output (N, out), router and gating included.  u, probs\n"
+"and gates are what molora_forward returned.  aux (E,) float64 or None adds the gradient of\n"
+"an auxiliary loss sum_{i,e} aux[e] probs[i, e] (the load-balancing loss).  Each grad_* is\n"
+"None (frozen: nothing computed) or an array of its parameter's shape, accumulated in place.");
+
+static PyObject *py_molora_backward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static const char *func = "molora_backward";
+    static char *kwlist[] = {"grad_output", "x", "weight", "lora_A", "lora_B", "lora_router", "u", "probs",
+                             "gates", "scaling", "top_k", "mask", "keep_scale", "aux", "need_input_grad",
+                             "grad_weight", "grad_bias", "grad_lora_A", "grad_lora_B", "grad_lora_router", NULL};
+    PyObject *g_obj, *x, *weight, *lora_a, *lora_b, *router, *u_obj, *p_obj, *gt_obj, *mask = Py_None;
+    PyObject *aux_obj = Py_None, *gw_obj = Py_None, *gbias_obj = Py_None, *ga_obj = Py_None, *gb_obj = Py_None;
+    PyObject *gr_obj = Py_None;
+    double scaling, keep_scale = 1.0;
+    long long top_k;
+    int need_input_grad = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOdL|OdOpOOOOO:molora_backward", kwlist, &g_obj, &x,
+                                     &weight, &lora_a, &lora_b, &router, &u_obj, &p_obj, &gt_obj, &scaling, &top_k,
+                                     &mask, &keep_scale, &aux_obj, &need_input_grad, &gw_obj, &gbias_obj, &ga_obj,
+                                     &gb_obj, &gr_obj))
+        return NULL;
+    if (check_finite(func, "scaling", scaling) < 0 || check_finite(func, "keep_scale", keep_scale) < 0)
+        return NULL;
+    MoeOperands op;
+    if (moe_operands_parse(func, x, weight, Py_None, lora_a, lora_b, router, top_k, mask, &op) < 0)
+        return NULL;
+    const LinearOperands *lin = &op.lin;
+    const int typenum = lin->typenum;
+    KArray g = {0}, u = {0}, probs = {0}, gates = {0}, aux = {0};
+    KArray gw = {0}, gbias = {0}, ga = {0}, gbb = {0}, gr = {0};
+    PyObject *dx = NULL;
+    npy_intp gshape[2] = {lin->n, lin->out}, ushape[2] = {lin->n, lin->r}, pshape[2] = {lin->n, op.experts};
+    npy_intp auxshape[1] = {op.experts}, wshape[2] = {lin->out, lin->in}, bshape[1] = {lin->out};
+    npy_intp ashape[2] = {lin->r, lin->in}, lbshape[2] = {lin->out, lin->r}, rshape[2] = {op.experts, lin->in};
+    if (get_array(func, "grad_output", g_obj, typenum, 2, gshape, "(N, out)", IN_ARRAY, &g) < 0 ||
+        get_array(func, "u", u_obj, typenum, 2, ushape, "(N, r)", IN_ARRAY, &u) < 0 ||
+        get_array(func, "probs", p_obj, typenum, 2, pshape, "(N, num_experts)", IN_ARRAY, &probs) < 0 ||
+        get_array(func, "gates", gt_obj, typenum, 2, pshape, "(N, num_experts)", IN_ARRAY, &gates) < 0 ||
+        get_optional_array(func, "aux", aux_obj, NPY_FLOAT64, 1, auxshape, "(num_experts,)", IN_ARRAY, &aux) < 0 ||
+        get_optional_array(func, "grad_weight", gw_obj, typenum, 2, wshape, "(out, in)", INOUT_ARRAY, &gw) < 0 ||
+        get_optional_array(func, "grad_bias", gbias_obj, typenum, 1, bshape, "(out,)", INOUT_ARRAY, &gbias) < 0 ||
+        get_optional_array(func, "grad_lora_A", ga_obj, typenum, 2, ashape, "(r, in)", INOUT_ARRAY, &ga) < 0 ||
+        get_optional_array(func, "grad_lora_B", gb_obj, typenum, 2, lbshape, "(out, r)", INOUT_ARRAY, &gbb) < 0 ||
+        get_optional_array(func, "grad_lora_router", gr_obj, typenum, 2, rshape, "(num_experts, in)", INOUT_ARRAY,
+                           &gr) < 0)
+        goto fail;
+    AliasArg alias_in[] = {ALIAS_KARRAY("grad_output", g), ALIAS_KARRAY("x", op.lin.x), ALIAS_KARRAY("weight", op.lin.w),
+                           ALIAS_KARRAY("lora_A", op.lin.a), ALIAS_KARRAY("lora_B", op.lin.b),
+                           ALIAS_KARRAY("lora_router", op.router), ALIAS_KARRAY("u", u), ALIAS_KARRAY("probs", probs),
+                           ALIAS_KARRAY("gates", gates), ALIAS_KARRAY("aux", aux), ALIAS_KARRAY("mask", op.lin.mask)};
+    AliasArg alias_out[] = {ALIAS_KARRAY("grad_weight", gw), ALIAS_KARRAY("grad_bias", gbias),
+                            ALIAS_KARRAY("grad_lora_A", ga), ALIAS_KARRAY("grad_lora_B", gbb),
+                            ALIAS_KARRAY("grad_lora_router", gr)}; /* issue 7: aliasing */
+    if (resolve_aliasing(func, alias_in, ALIAS_COUNT(alias_in), alias_out, ALIAS_COUNT(alias_out)) < 0)
+        goto fail;
+    /* the kernel reads u, probs, gates and aux densely */
+    KArray *dense[4] = {&u, &probs, &gates, &aux};
+    for (int i = 0; i < 4; i++) {
+        if (dense[i]->arr && !PyArray_IS_C_CONTIGUOUS(dense[i]->arr)) {
+            PyArrayObject *copy = (PyArrayObject *)PyArray_NewCopy(dense[i]->arr, NPY_CORDER);
+            if (!copy)
+                goto fail;
+            Py_SETREF(dense[i]->arr, copy);
+        }
+    }
+    if (need_input_grad && !(dx = new_matrix(typenum, lin->n, lin->in)))
+        goto fail;
+    LoraMoe L = moe_kernel_args(&op, scaling, keep_scale);
+    LoraMoeGrads G = {
+        .dx = dx ? PyArray_DATA((PyArrayObject *)dx) : NULL, .lddx = lin->in > 0 ? lin->in : 1,
+        .dw = data_or_null(&gw), .lddw = gw.ld, .dbias = data_or_null(&gbias),
+        .da = data_or_null(&ga), .ldda = ga.ld, .db = data_or_null(&gbb), .lddb = gbb.ld,
+        .drouter = data_or_null(&gr), .lddrouter = gr.ld,
+    };
+    const void *ud = data_or_null(&u), *pd = data_or_null(&probs), *gd = data_or_null(&gates);
+    const double *auxd = data_or_null(&aux);
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    if (typenum == NPY_FLOAT32)
+        status = lorac_moe_backward_f32(&L, ud, pd, gd, auxd, data_or_null(&g), g.ld, &G);
+    else
+        status = lorac_moe_backward_f64(&L, ud, pd, gd, auxd, data_or_null(&g), g.ld, &G);
+    Py_END_ALLOW_THREADS
+    if (status != 0) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    karray_release(&g), karray_release(&u), karray_release(&probs), karray_release(&gates), karray_release(&aux);
+    karray_release(&gw), karray_release(&gbias), karray_release(&ga), karray_release(&gbb), karray_release(&gr);
+    moe_operands_release(&op);
+    if (!dx)
+        Py_RETURN_NONE;
+    return dx;
+fail:
+    Py_XDECREF(dx);
+    karray_release(&g), karray_release(&u), karray_release(&probs), karray_release(&gates), karray_release(&aux);
+    karray_release(&gw), karray_release(&gbias), karray_release(&ga), karray_release(&gbb), karray_release(&gr);
+    moe_operands_release(&op);
+    return NULL;
+}
+
+/* ======================== end of many adapters (issue 6) ================= */
 
 /* ------------------------------------------------------------------------ */
 /* BLAS runtime                                                              */
@@ -1809,6 +2539,16 @@ static PyMethodDef lorac_methods[] = {
      METH_VARARGS | METH_KEYWORDS, merged_linear_backward_doc},
     {"merged_linear_merge", (PyCFunction)(void (*)(void))py_merged_linear_merge, METH_VARARGS | METH_KEYWORDS,
      merged_linear_merge_doc},
+    /* ---- many adapters (issue 6) ---- */
+    {"multi_linear_forward", (PyCFunction)(void (*)(void))py_multi_linear_forward, METH_VARARGS | METH_KEYWORDS,
+     multi_linear_forward_doc},
+    {"multi_embedding_forward", (PyCFunction)(void (*)(void))py_multi_embedding_forward,
+     METH_VARARGS | METH_KEYWORDS, multi_embedding_forward_doc},
+    {"molora_forward", (PyCFunction)(void (*)(void))py_molora_forward, METH_VARARGS | METH_KEYWORDS,
+     molora_forward_doc},
+    {"molora_backward", (PyCFunction)(void (*)(void))py_molora_backward, METH_VARARGS | METH_KEYWORDS,
+     molora_backward_doc},
+    /* ---- end of many adapters ---- */
     {"blas_info", py_blas_info, METH_NOARGS, "BLAS name, build config, core, threads, processors."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "Number of OpenBLAS threads."},
     {"set_num_threads", py_set_num_threads, METH_O, "Set the number of OpenBLAS threads."},

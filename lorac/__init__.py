@@ -29,6 +29,10 @@ except ImportError:  # pragma: no cover
     pass
 from .peft import inject_lora, load_peft_adapter, save_peft_adapter  # issue 4 (PEFT)
 from . import lowrank  # issue 8 (low-rank toolkit)
+from .layers import MoLoRALinear  # issue 6 (many adapters)
+from .adapters import (add_adapter, add_weighted_adapter, adapter_names, delete_adapter,  # issue 6
+                       disable_adapters, load_adapter, merge_adapter, merge_and_unload, save_adapter,
+                       set_adapter, unload, unmerge_adapter)
 from .lowrank import (extract_adapter, extract_lora, projection_distance, rank_report,  # issue 8
                       subspace_similarity)
 
@@ -45,4 +49,7 @@ __all__ = [
     "load_peft_adapter", "save_peft_adapter", "inject_lora",  # issue 4 (PEFT)
     "lowrank", "extract_lora", "extract_adapter", "subspace_similarity", "projection_distance",  # issue 8
     "rank_report",  # issue 8
+    "MoLoRALinear", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters",  # issue 6
+    "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "add_weighted_adapter",  # issue 6
+    "load_adapter", "save_adapter", "adapter_names",  # issue 6
 ]

@@ -263,6 +263,9 @@ class Module:
 
     # -- calling --------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        if kwargs and ("adapter_names" in kwargs or "adapter_ids" in kwargs):
+            from .adapters import mixed_batch_call  # a mixed batch across adapters (issue 6)
+            return mixed_batch_call(self, args, kwargs)
         return self.forward(*args, **kwargs)
 
     def forward(self, *args, **kwargs):

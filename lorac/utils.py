@@ -35,13 +35,21 @@ def mark_only_lora_as_trainable(model, bias="none"):
     return model
 
 
-def lora_state_dict(model, bias="none"):
+def lora_state_dict(model, bias="none", adapter=None):
     """The adapter part of model.state_dict(), with loralib's selection rules.
 
     bias: "none" (only keys containing "lora_"), "all" (also every key
     containing "bias") or "lora_only" (also the bias of each module that has
-    "lora_" keys)."""
+    "lora_" keys).
+
+    adapter: None (every adapter: "default" under loralib's keys, named ones
+    as ``lora_A_<name>`` / ``lora_B_<name>``), or a name: that adapter alone
+    under loralib's plain keys ``<layer>.lora_A`` / ``<layer>.lora_B``, from
+    the layers holding it -- a loralib-compatible file that
+    ``lorac.load_adapter`` can load into any named adapter."""
     _check_bias_mode(bias)
+    if adapter is not None:
+        return _one_adapter_state_dict(model, bias, adapter)
     state = model.state_dict()
     if bias == "none":
         return OrderedDict((k, v) for k, v in state.items() if "lora_" in k)
@@ -54,6 +62,28 @@ def lora_state_dict(model, bias="none"):
             bias_key = key.split("lora_")[0] + "bias"
             if bias_key in state:
                 out[bias_key] = state[bias_key]
+    return out
+
+
+def _one_adapter_state_dict(model, bias, adapter):
+    """lora_state_dict(model, bias, adapter=name) (issue 6: named adapters)."""
+    if not isinstance(adapter, str):
+        raise TypeError(f"adapter must be None or an adapter name (str), got {type(adapter).__name__}")
+    state = model.state_dict() if bias != "none" else None
+    out = OrderedDict()
+    for path, module in model.named_modules():
+        if not (isinstance(module, LoRALayer) and module._named_adapters and adapter in module.adapter_names):
+            continue
+        prefix = path + "." if path else ""
+        lora_a, lora_b = module.adapter_parameters(adapter)
+        out[prefix + "lora_A"] = lora_a.data
+        out[prefix + "lora_B"] = lora_b.data
+        if bias == "lora_only" and prefix + "bias" in state:
+            out[prefix + "bias"] = state[prefix + "bias"]
+    if not out:
+        raise ValueError(f"no LoRA layer of the model holds an adapter {adapter!r}")
+    if bias == "all":
+        out.update((k, v) for k, v in state.items() if "bias" in k)
     return out
 
 

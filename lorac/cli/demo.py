@@ -11,6 +11,10 @@ def register(subparsers):
                     "parameters, d90, checkpoint sizes, time per epoch and training memory. Needs the "
                     "'demo' extra: pip install 'lorac[demo]'.")
     parser.add_argument("--quick", action="store_true", help="fewer epochs (well under 30 s)")
+    parser.add_argument("--similarity", action="store_true",
+                        help="instead: the LoRA paper's subspace-similarity figure -- train r=8, r=64 and a second "
+                             "r=64 seed, write heatmaps of phi(i, j) beside a random-Gaussian baseline "
+                             "(about 30 s; --quick: one repetition, fewer epochs, under 10 s)")
     parser.add_argument("--out", default="lorac-demo", metavar="DIR",
                         help="folder for checkpoints, summary.json/.txt and PNG plots (default: %(default)s)")
     parser.add_argument("--epochs", type=_positive_int, metavar="N",
@@ -18,7 +22,8 @@ def register(subparsers):
     parser.add_argument("--pretrain-epochs", type=_positive_int, metavar="N",
                         help="pretraining epochs (default: 20, --quick: 8)")
     parser.add_argument("--ranks", type=_ranks, metavar="R,R,...",
-                        help="LoRA ranks to compare (default: 1,2,4,8,16,64)")
+                        help="LoRA ranks to compare (default: 1,2,4,8,16,64; with --similarity exactly two, "
+                             "default 8,64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
     parser.add_argument("--threads", type=_positive_int, default=1, metavar="N",
                         help="OpenBLAS threads (default: %(default)s; the demo's matrices are small)")
@@ -64,6 +69,8 @@ def run(args):
         changes["pretrain_epochs"] = args.pretrain_epochs
     if args.ranks is not None:
         changes["ranks"] = args.ranks
+    if args.similarity:
+        return _run_similarity(args, changes)
     config = (quick_config if args.quick else default_config)(**changes)
     start = time.perf_counter()
     try:
@@ -75,4 +82,30 @@ def run(args):
     files = ["summary.txt", "summary.json"] + results.get("plots", [])
     print(f"\nwrote {', '.join(files)} and the checkpoints to {args.out}/ "
           f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _run_similarity(args, changes):
+    """`lorac demo --similarity` (lorac.demo.similarity)."""
+    from . import CommandError
+    from ..demo import default_config, quick_config
+    from ..demo._deps import MissingDependency
+    from ..demo.similarity import run as run_similarity
+
+    ranks = changes.pop("ranks", None)
+    if ranks is not None:
+        if len(ranks) != 2:
+            raise CommandError(f"--ranks with --similarity takes exactly two ranks (small,large), got "
+                               f"{','.join(map(str, ranks))}")
+        changes["similarity_ranks"] = ranks
+    config = (quick_config if args.quick else default_config)(**changes)
+    start = time.perf_counter()
+    try:
+        results, text = run_similarity(config, args.out)
+    except MissingDependency as exc:
+        raise CommandError(str(exc)) from None
+    print()
+    print(text)
+    files = ["similarity.txt", "similarity.json"] + results.get("plots", [])
+    print(f"\nwrote {', '.join(files)} and the adapters to {args.out}/ in {time.perf_counter() - start:.1f} s")
     return 0

@@ -6,7 +6,9 @@ Run it as ``lorac demo [--quick] [--out DIR]`` (or ``python -m lorac demo``).
 Needs the ``demo`` extra (scikit-learn for the bundled data set, tqdm,
 matplotlib).  Files: data.py (data set and shift), model.py (the MLP),
 train.py (loop and measurements), experiment.py (the steps), report.py
-(summary table), plots.py (figures).
+(summary table), plots.py (figures).  ``lorac demo --similarity`` runs
+similarity.py instead: the LoRA paper's subspace-similarity figure (phi(i, j)
+between r = 8 and r = 64 adapters, two seeds and a random baseline).
 """
 
 import json

@@ -28,6 +28,10 @@ class DemoConfig:
                                       # spinning BLAS threads cost many times the work
     progress: bool = True             # tqdm bars (shown only on a terminal)
     plots: bool = True
+    # lorac demo --similarity (similarity.py): the LoRA paper's phi(i, j) figure in small
+    similarity_ranks: tuple = (8, 64)        # the two ranks compared (r = 64 also trained with a second seed)
+    similarity_layers: tuple = ("0", "2", "4")  # heatmap layers: all three (none cherry-picked)
+    similarity_repeats: int = 5              # independent repetitions (spread of phi across seeds)
 
     def with_(self, **changes):
         return replace(self, **changes)
@@ -40,4 +44,5 @@ def default_config(**changes):
 
 def quick_config(**changes):
     """--quick: the same experiment with fewer epochs (well under 30 s)."""
-    return DemoConfig(pretrain_epochs=8, finetune_epochs=8, latency_repeats=10).with_(**changes)
+    return DemoConfig(pretrain_epochs=8, finetune_epochs=8, latency_repeats=10,
+                      similarity_repeats=1).with_(**changes)

@@ -83,3 +83,50 @@ def make_plots(results, out_dir):
         accuracy_vs_rank(results, os.path.join(out_dir, "accuracy_vs_rank.png")),
         memory_bars(results, os.path.join(out_dir, "memory.png")),
     ]
+
+
+# -- lorac demo --similarity -------------------------------------------------------
+def similarity_heatmaps(results, out_dir):
+    """Heatmaps of phi(i, j) (first repetition) for config.similarity_layers x the three
+    comparisons: similarity.png (i <= small, j <= large) and similarity_corner.png
+    (the small x small corner).  Returns their paths."""
+    return [_similarity_figure(results, os.path.join(out_dir, "similarity.png"), corner=False),
+            _similarity_figure(results, os.path.join(out_dir, "similarity_corner.png"), corner=True)]
+
+
+def _similarity_figure(results, path, corner):
+    import numpy as np
+
+    from .similarity import COMPARISONS, comparison_label
+
+    small, large = results["ranks"]
+    paths = [p for p in results["config"]["similarity_layers"] if p in results["layers"]]
+    width = 3.3 * len(COMPARISONS) if corner else 4.4 * len(COMPARISONS)
+    fig = _figure(width, 2.9 * len(paths) + 0.6)
+    axes = np.atleast_2d(fig.subplots(len(paths), len(COMPARISONS), squeeze=False))
+    image = None
+    for row, layer_path in enumerate(paths):
+        layer = results["layers"][layer_path]
+        for col, key in enumerate(COMPARISONS):
+            phi = np.asarray(layer["phi"][key])
+            c = min(small, *phi.shape)
+            shown = phi[:c, :c] if corner else phi
+            ax = axes[row, col]
+            rows_, cols_ = shown.shape
+            image = ax.imshow(shown, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest",
+                              extent=(0.5, cols_ + 0.5, rows_ + 0.5, 0.5))
+            ax.set_yticks(range(1, rows_ + 1))
+            xt = range(1, cols_ + 1) if cols_ <= 16 else [1] + list(range(8, cols_ + 1, 8))
+            ax.set_xticks(list(xt))
+            ax.tick_params(labelsize=7)
+            ax.set_title(f"layer {layer_path} ({layer['in_features']}->{layer['out_features']}): "
+                         f"{comparison_label(key, small, large)}\nphi(1,1) = {phi[0, 0]:.2f}, "
+                         f"{c}x{c} mean = {phi[:c, :c].mean():.2f}", fontsize=8)
+            ax.set_xlabel("j", fontsize=8)
+            ax.set_ylabel("i", fontsize=8)
+    fig.suptitle(f"subspace similarity phi(i, j) of lora_A{' (corner)' if corner else ''}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    bar = fig.add_axes((0.945, 0.12, 0.015, 0.72))
+    fig.colorbar(image, cax=bar)
+    fig.savefig(path)
+    return path

@@ -2,12 +2,17 @@
 
 import math
 
-from .._arrays import non_negative_int, probability, real_number
+from .._arrays import as_float_array, check_last_dim, non_negative_int, probability, real_number
+from .adapters import NamedAdapters
 
 
-class LoRALayer:
+class LoRALayer(NamedAdapters):
     """Mixin with loralib's attributes: r, lora_alpha, scaling, lora_dropout,
-    merge_weights, merged (and use_rslora: scaling = lora_alpha / sqrt(r))."""
+    merge_weights, merged (and use_rslora: scaling = lora_alpha / sqrt(r)).
+
+    These describe the "default" adapter; named adapters, merging and the
+    state-dict handling of a merged weight come from NamedAdapters
+    (layers/adapters.py)."""
 
     def _init_lora(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=False):
         self.r = non_negative_int(r, "r")
@@ -20,10 +25,14 @@ class LoRALayer:
             self.scaling = self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
         else:
             self.scaling = 0.0
+        self._init_adapters()
 
     def train(self, mode=True):
-        """train() unmerges and eval() merges the adapter when merge_weights is set."""
+        """train() unmerges and eval() merges the adapter when merge_weights is set
+        (deferred to the end of a disable_adapters() block)."""
         super().train(mode)
+        if self._adapters_disabled:
+            return self
         if mode:
             if self.merge_weights and self.merged:
                 self.unmerge()
@@ -31,19 +40,38 @@ class LoRALayer:
             self.merge()
         return self
 
-    def merge(self):
-        """Add scaling * B A into the base weight (no-op when already merged)."""
-        if not self.merged:
-            if self.r > 0:
-                self._apply_delta(+self.scaling)
-            self.merged = True
-
-    def unmerge(self):
-        """Subtract scaling * B A from the base weight (no-op when not merged)."""
-        if self.merged:
-            if self.r > 0:
-                self._apply_delta(-self.scaling)
-            self.merged = False
-
-    def _apply_delta(self, alpha):
+    def _delta_into(self, weight, a, b, alpha):
+        """weight += alpha * (the delta of adapter a, b) in weight's stored layout."""
         raise NotImplementedError
+
+    def _default_adapter_on(self):
+        """Whether the constructor's adapter has a branch (MergedLinear: any group enabled)."""
+        return self.r > 0
+
+    # -- argument checks and the forward cache, shared by the layer kinds ------
+    def _checked_input(self, x):
+        name = f"{type(self).__name__}.forward: input"
+        x = as_float_array(x, self.dtype, name)
+        check_last_dim(x, self.in_features, name)
+        return x
+
+    def _checked_grad_output(self, g, expected):
+        name = f"{type(self).__name__}.backward: grad_output"
+        g = as_float_array(g, self.dtype, name)
+        if g.shape != expected:
+            raise ValueError(f"{name} must have shape {expected} (the output's), got {g.shape}")
+        return g
+
+    def _require_cache(self):
+        """This thread's forward cache, checked against what changed since."""
+        cache = self._cache
+        if cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() called without a preceding forward() "
+                               "(or twice for one forward)")
+        if cache.branch is None:
+            if cache.lora_on != (self._default_adapter_on() and not self.merged):
+                raise RuntimeError(f"{type(self).__name__}.backward(): the adapter was merged or unmerged "
+                                   "(train()/eval()) between forward() and backward(); run forward() again")
+        elif cache.branch.version != self._adapter_version:
+            self._stale_branch()
+        return cache

@@ -5,15 +5,18 @@ from collections import namedtuple
 import numpy as np
 
 from .. import _C
-from .. import init
-from .._arrays import as_float_array, as_generator, float_dtype, non_negative_int
+from .. import init as _init
+from .._arrays import as_generator, float_dtype, non_negative_int
 from ..module import Module, Parameter
+from ._threading import locked
 from ._grads import GradBuffers
+from ._lora_init import check_init
 from .base import LoRALayer
 
 # What backward needs from a forward: the flat indices, u = A^T[idx], whether
-# the adapter branch ran, and the indices' shape.
-_ForwardCache = namedtuple("_ForwardCache", ["indices", "u", "lora_on", "lead_shape"])
+# the adapter branch ran, the indices' shape, and the named-adapter Branch
+# (None on the fast path).
+_ForwardCache = namedtuple("_ForwardCache", ["indices", "u", "lora_on", "lead_shape", "branch"])
 
 
 class Embedding(LoRALayer, Module):
@@ -37,7 +40,7 @@ class Embedding(LoRALayer, Module):
     """
 
     def __init__(self, num_embeddings, embedding_dim, r=0, lora_alpha=1, merge_weights=True,
-                 padding_idx=None, dtype=np.float32, rng=None, use_rslora=False):
+                 padding_idx=None, dtype=np.float32, rng=None, use_rslora=False, init="kaiming", init_std=None):
         Module.__init__(self)
         self.num_embeddings = non_negative_int(num_embeddings, "num_embeddings")
         self.embedding_dim = non_negative_int(embedding_dim, "embedding_dim")
@@ -46,29 +49,51 @@ class Embedding(LoRALayer, Module):
         self.dtype = float_dtype(dtype)
         self.rng = as_generator(rng)
         self._cache = None
+        spec = check_init(init, init_std, type(self).__name__)
 
-        weight = init.normal((self.num_embeddings, self.embedding_dim), 1.0, self.rng, self.dtype)
+        weight = _init.normal((self.num_embeddings, self.embedding_dim), 1.0, self.rng, self.dtype)
         if self.padding_idx is not None:
             weight[self.padding_idx] = 0
         self.weight = Parameter(weight, requires_grad=self.r == 0)
         if self.r > 0:
-            self.lora_A = Parameter(init.zeros((self.r, self.num_embeddings), self.dtype))
-            self.lora_B = Parameter(init.normal((self.embedding_dim, self.r), 1.0, self.rng, self.dtype))
+            start = self._start_arrays(spec, self.r, self.scaling, self.rng, type(self).__name__)
+            self.lora_A = Parameter(start.lora_A)
+            self.lora_B = Parameter(start.lora_B)
+            if start.weight is not None:   # 'pissa': the base becomes W0 - scaling * (B A)^T
+                self.weight.data[...] = start.weight
 
     # -- forward / backward ---------------------------------------------
+    @locked
     def forward(self, indices):
         idx = indices
         if type(idx) is not np.ndarray or idx.dtype.kind not in "iu":
             idx = _as_indices(idx, f"{type(self).__name__}.forward: indices")
         params = self._parameters
         flat = idx if idx.ndim == 1 else idx.reshape(-1)
-        lora_on = self.r > 0 and not self.merged
-        y, u = _C.embedding_forward(flat, params["weight"].data,
-                                    params["lora_A"].data if lora_on else None,
-                                    params["lora_B"].data if lora_on else None, self.scaling)
-        self.__dict__["_cache"] = _ForwardCache(flat, u, lora_on, idx.shape)
+        if self._plain:  # loralib's state: "default" only (layers/adapters.py)
+            lora_on = self.r > 0 and not self.merged
+            a = params["lora_A"].data if lora_on else None
+            b = params["lora_B"].data if lora_on else None
+            scaling, branch = self.scaling, None
+        else:  # named adapters, disabled adapters or a mixed batch
+            ids = self._mixed_row_ids(idx.shape)
+            if ids is not None:
+                return self._mixed_forward(flat, ids, idx.shape)
+            branch = self._branch()
+            a, b, scaling = branch.a, branch.b, branch.scaling
+            lora_on = a is not None
+        y, u = _C.embedding_forward(flat, params["weight"].data, a, b, scaling)
+        self._cache = _ForwardCache(flat, u, lora_on, idx.shape, branch)
         return y if idx.ndim == 1 else y.reshape(idx.shape + (self.embedding_dim,))
 
+    def _mixed_forward(self, flat, ids, lead_shape):
+        """Inference on a mixed batch: lookup i gets adapter ids[i] (-1: none), in C."""
+        As, Bs, scalings = self._mixed_operands()
+        y = _C.multi_embedding_forward(flat, self._parameters["weight"].data, As, Bs, scalings, ids)
+        self._cache = None
+        return y.reshape(tuple(lead_shape) + (self.embedding_dim,))
+
+    @locked
     def backward(self, grad_output):
         """Accumulates .grad of the trainable parameters; returns None (indices have no gradient)."""
         cache = self._require_cache()
@@ -77,56 +102,36 @@ class Embedding(LoRALayer, Module):
         if type(g) is not np.ndarray or g.dtype != self.dtype or g.shape != expected:
             g = self._checked_grad_output(g, expected)
         params = self._parameters
-        lora_on = cache.lora_on
-        lora_a, lora_b = (params["lora_A"], params["lora_B"]) if lora_on else (None, None)
-        grads = {"grad_weight": params["weight"], "grad_lora_A": lora_a, "grad_lora_B": lora_b}
-        with GradBuffers(grads) as buffers:
-            _C.embedding_backward(
-                g if g.ndim == 2 else g.reshape(-1, self.embedding_dim), cache.indices,
-                params["weight"].data, None if lora_a is None else lora_a.data,
-                None if lora_b is None else lora_b.data, cache.u, self.scaling, self.padding_idx,
-                **buffers)
-        self.__dict__["_cache"] = None
+        g2 = g if g.ndim == 2 else g.reshape(-1, self.embedding_dim)
+        branch = cache.branch
+        if branch is None:  # the fast path's forward
+            lora_a, lora_b = (params["lora_A"], params["lora_B"]) if cache.lora_on else (None, None)
+            grads = {"grad_weight": params["weight"], "grad_lora_A": lora_a, "grad_lora_B": lora_b}
+            with GradBuffers(grads) as buffers:
+                _C.embedding_backward(
+                    g2, cache.indices, params["weight"].data, None if lora_a is None else lora_a.data,
+                    None if lora_b is None else lora_b.data, cache.u, self.scaling, self.padding_idx, **buffers)
+        else:  # named adapters (layers/adapters.py)
+            with GradBuffers({"grad_weight": params["weight"]}) as buffers, \
+                    self._branch_grads(branch) as lora_buffers:
+                _C.embedding_backward(g2, cache.indices, params["weight"].data, branch.a, branch.b, cache.u,
+                                      branch.scaling, self.padding_idx, **buffers, **lora_buffers)
+        self._cache = None
         return None
 
-    def _checked_grad_output(self, g, expected):
-        name = f"{type(self).__name__}.backward: grad_output"
-        g = as_float_array(g, self.dtype, name)
-        if g.shape != expected:
-            raise ValueError(f"{name} must have shape {expected} (the output's), got {g.shape}")
-        return g
-
-    def _require_cache(self):
-        cache = self._cache
-        if cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward() called without a preceding forward() "
-                               "(or twice for one forward)")
-        if cache.lora_on != (self.r > 0 and not self.merged):
-            raise RuntimeError(f"{type(self).__name__}.backward(): the adapter was merged or unmerged "
-                               "(train()/eval()) between forward() and backward(); run forward() again")
-        return cache
-
-    # -- merging and state ------------------------------------------------
+    # -- merging and named adapters (the bookkeeping: layers/adapters.py) --------
     # W0 (num, dim) += alpha * (B A)^T is the Linear merge of a weight stored
     # (in, out) = (num_embeddings, embedding_dim): the same kernel, transposed.
-    def _apply_delta(self, alpha):
-        _C.linear_merge(self.weight.data, self.lora_A.data, self.lora_B.data, alpha, True)
-        self._cache = None
+    def _delta_into(self, weight, a, b, alpha):
+        _C.linear_merge(weight, a, b, alpha, True)
 
-    def _state_items(self):
-        for name, value in Module._state_items(self):
-            if name == "weight" and self.merged and self.r > 0:
-                value = value.copy()
-                _C.linear_merge(value, self.lora_A.data, self.lora_B.data, -self.scaling, True)
-            yield name, value
+    def _adapter_geometry(self):
+        return 1, self.num_embeddings, self.embedding_dim, "embedding"
 
-    def _load_state_items(self, values):
-        """Loading into a merged layer equals loading unmerged, then merging."""
-        remerge = self.merged
-        self.unmerge()
-        Module._load_state_items(self, values)
-        if remerge:
-            self.merge()
+    def _weight_layout(self):
+        """(first (out, in)-view row of each adapted block, out rows, weight stored transposed?):
+        the (num, dim) weight is the transpose of the adapter's (dim, num) delta."""
+        return (0,), self.embedding_dim, True
 
     def extra_repr(self):
         text = f"{self.num_embeddings}, {self.embedding_dim}"

@@ -5,17 +5,18 @@ from collections import namedtuple
 import numpy as np
 
 from .. import _C
-from .. import init
-from .._arrays import (as_float_array, as_generator, check_last_dim, float_dtype,
-                       non_negative_int)
+from .. import init as _init
+from .._arrays import as_generator, float_dtype, non_negative_int
 from ..module import Module, Parameter
+from ._threading import locked
 from ._grads import GradBuffers as _GradBuffers
+from ._lora_init import check_init
 from .base import LoRALayer
 
 # What backward needs from a forward: the 2-D input, u = drop(x) A^T, the
-# dropout mask and its 1 / (1 - p), whether the adapter branch ran, and the
-# input's leading shape.
-_ForwardCache = namedtuple("_ForwardCache", ["x", "u", "mask", "keep_scale", "lora_on", "lead_shape"])
+# dropout mask and its 1 / (1 - p), whether the adapter branch ran, the
+# input's leading shape, and the named-adapter Branch (None on the fast path).
+_ForwardCache = namedtuple("_ForwardCache", ["x", "u", "mask", "keep_scale", "lora_on", "lead_shape", "branch"])
 
 
 class Linear(LoRALayer, Module):
@@ -31,11 +32,20 @@ class Linear(LoRALayer, Module):
 
     ``state_dict()`` always holds the unmerged base weight, so a checkpoint
     means the same whether it was taken in train() or eval() mode.
+
+    ``init`` chooses how the adapter starts (layers/_lora_init.py): 'kaiming'
+    (loralib's, the default), 'gaussian' (A ~ N(0, init_std^2), init_std
+    0.01 by default; B = 0), 'zeros_A' (A = 0, B ~ N(0, init_std^2),
+    default 1) or 'pissa' (A, B from the top-r SVD of the weight, which
+    becomes the residual W0 - scaling * B A: the layer's output does not
+    change, but its saved base weight is the residual).  At construction
+    'pissa' factors the freshly drawn weight; to factor pretrained weights,
+    load them first and call ``reset_adapter(init='pissa')``.
     """
 
     def __init__(self, in_features, out_features, r=0, lora_alpha=1, lora_dropout=0.0,
                  fan_in_fan_out=False, merge_weights=True, bias=True, dtype=np.float32, rng=None,
-                 use_rslora=False):
+                 use_rslora=False, init="kaiming", init_std=None):
         Module.__init__(self)
         self.in_features = non_negative_int(in_features, "in_features")
         self.out_features = non_negative_int(out_features, "out_features")
@@ -44,23 +54,27 @@ class Linear(LoRALayer, Module):
         self.dtype = float_dtype(dtype)
         self.rng = as_generator(rng)
         self._cache = None
+        spec = check_init(init, init_std, type(self).__name__)
 
-        weight = init.kaiming_uniform((self.out_features, self.in_features), self.in_features,
-                                      self.rng, self.dtype)
+        weight = _init.kaiming_uniform((self.out_features, self.in_features), self.in_features,
+                                       self.rng, self.dtype)
         if self.fan_in_fan_out:
             weight = np.ascontiguousarray(weight.T)
         self.weight = Parameter(weight, requires_grad=self.r == 0)
         if bias:
             bound = 1.0 / np.sqrt(self.in_features) if self.in_features > 0 else 0.0
-            self.bias = Parameter(init.uniform((self.out_features,), bound, self.rng, self.dtype))
+            self.bias = Parameter(_init.uniform((self.out_features,), bound, self.rng, self.dtype))
         else:
             self.register_parameter("bias", None)
         if self.r > 0:
-            self.lora_A = Parameter(init.kaiming_uniform((self.r, self.in_features), self.in_features,
-                                                         self.rng, self.dtype))
-            self.lora_B = Parameter(init.zeros((self.out_features, self.r), self.dtype))
+            start = self._start_arrays(spec, self.r, self.scaling, self.rng, type(self).__name__)
+            self.lora_A = Parameter(start.lora_A)
+            self.lora_B = Parameter(start.lora_B)
+            if start.weight is not None:   # 'pissa': the base becomes W0 - scaling * B A
+                self.weight.data[...] = start.weight
 
     # -- forward / backward ---------------------------------------------
+    @locked
     def forward(self, x):
         # This is the hot path for small batches: plain dict lookups, no
         # reshapes or attribute hooks that a 2-D, right-dtype input does not need.
@@ -69,24 +83,37 @@ class Linear(LoRALayer, Module):
             x = self._checked_input(x)
         params = self._parameters
         x2 = x if x.ndim == 2 else x.reshape(-1, self.in_features)
-        lora_on = self.r > 0 and not self.merged
-        mask = self._dropout_mask(x2.shape) if lora_on and self.training and self.lora_dropout else None
-        keep_scale = 1.0 / (1.0 - self.lora_dropout)
-        bias = params["bias"]
-        y, u = _C.linear_forward(
-            x2, params["weight"].data, None if bias is None else bias.data,
-            params["lora_A"].data if lora_on else None, params["lora_B"].data if lora_on else None,
-            self.scaling, self.fan_in_fan_out, mask, keep_scale)
         lead_shape = x.shape[:-1]
-        self.__dict__["_cache"] = _ForwardCache(x2, u, mask, keep_scale, lora_on, lead_shape)
+        if self._plain:  # loralib's state: "default" only (layers/adapters.py)
+            lora_on = self.r > 0 and not self.merged
+            a = params["lora_A"].data if lora_on else None
+            b = params["lora_B"].data if lora_on else None
+            scaling, dropout, branch = self.scaling, self.lora_dropout, None
+        else:  # named adapters, disabled adapters or a mixed batch
+            ids = self._mixed_row_ids(lead_shape)
+            if ids is not None:
+                return self._mixed_forward(x2, ids, lead_shape)
+            branch = self._branch()
+            a, b, scaling, dropout = branch.a, branch.b, branch.scaling, branch.dropout
+            lora_on = a is not None
+        mask = self._dropout_mask(x2.shape, dropout) if lora_on and self.training and dropout else None
+        keep_scale = 1.0 / (1.0 - dropout)
+        bias = params["bias"]
+        y, u = _C.linear_forward(x2, params["weight"].data, None if bias is None else bias.data, a, b,
+                                 scaling, self.fan_in_fan_out, mask, keep_scale)
+        self._cache = _ForwardCache(x2, u, mask, keep_scale, lora_on, lead_shape, branch)
         return y if x.ndim == 2 else y.reshape(lead_shape + (self.out_features,))
 
-    def _checked_input(self, x):
-        name = f"{type(self).__name__}.forward: input"
-        x = as_float_array(x, self.dtype, name)
-        check_last_dim(x, self.in_features, name)
-        return x
+    def _mixed_forward(self, x2, ids, lead_shape):
+        """Inference on a mixed batch: row i gets adapter ids[i] (-1: none), in C."""
+        As, Bs, scalings = self._mixed_operands()
+        bias = self._parameters["bias"]
+        y = _C.multi_linear_forward(x2, self._parameters["weight"].data, None if bias is None else bias.data,
+                                    As, Bs, scalings, ids, self.fan_in_fan_out)
+        self._cache = None
+        return y.reshape(lead_shape + (self.out_features,))
 
+    @locked
     def backward(self, grad_output):
         """Gradient w.r.t. the input; accumulates .grad of trainable parameters."""
         cache = self._require_cache()
@@ -95,62 +122,42 @@ class Linear(LoRALayer, Module):
         if type(g) is not np.ndarray or g.dtype != self.dtype or g.shape != expected:
             g = self._checked_grad_output(g, expected)
         params = self._parameters
-        lora_on = cache.lora_on
         weight = params["weight"]
-        lora_a, lora_b = (params["lora_A"], params["lora_B"]) if lora_on else (None, None)
-        grads = {"grad_weight": weight, "grad_bias": params["bias"],
-                 "grad_lora_A": lora_a, "grad_lora_B": lora_b}
-        with _GradBuffers(grads) as buffers:
-            dx = _C.linear_backward(
-                g if g.ndim == 2 else g.reshape(-1, self.out_features), cache.x, weight.data,
-                None if lora_a is None else lora_a.data, None if lora_b is None else lora_b.data,
-                cache.u, self.scaling, self.fan_in_fan_out, cache.mask, cache.keep_scale,
-                True, **buffers)
-        self.__dict__["_cache"] = None
+        g2 = g if g.ndim == 2 else g.reshape(-1, self.out_features)
+        branch = cache.branch
+        if branch is None:  # the fast path's forward
+            lora_a, lora_b = (params["lora_A"], params["lora_B"]) if cache.lora_on else (None, None)
+            grads = {"grad_weight": weight, "grad_bias": params["bias"],
+                     "grad_lora_A": lora_a, "grad_lora_B": lora_b}
+            with _GradBuffers(grads) as buffers:
+                dx = _C.linear_backward(
+                    g2, cache.x, weight.data, None if lora_a is None else lora_a.data,
+                    None if lora_b is None else lora_b.data, cache.u, self.scaling, self.fan_in_fan_out,
+                    cache.mask, cache.keep_scale, True, **buffers)
+        else:  # named adapters (layers/adapters.py)
+            base_grads = _GradBuffers({"grad_weight": weight, "grad_bias": params["bias"]})
+            with base_grads as buffers, self._branch_grads(branch) as lora_buffers:
+                dx = _C.linear_backward(g2, cache.x, weight.data, branch.a, branch.b, cache.u, branch.scaling,
+                                        self.fan_in_fan_out, cache.mask, cache.keep_scale, True, **buffers,
+                                        **lora_buffers)
+        self._cache = None
         return dx if len(cache.lead_shape) == 1 else dx.reshape(cache.lead_shape + (self.in_features,))
 
-    def _checked_grad_output(self, g, expected):
-        name = f"{type(self).__name__}.backward: grad_output"
-        g = as_float_array(g, self.dtype, name)
-        if g.shape != expected:
-            raise ValueError(f"{name} must have shape {expected} (the output's), got {g.shape}")
-        return g
-
-    def _require_cache(self):
-        cache = self._cache
-        if cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward() called without a preceding forward() "
-                               "(or twice for one forward)")
-        if cache.lora_on != (self.r > 0 and not self.merged):
-            raise RuntimeError(f"{type(self).__name__}.backward(): the adapter was merged or unmerged "
-                               "(train()/eval()) between forward() and backward(); run forward() again")
-        return cache
-
-    def _dropout_mask(self, shape):
+    def _dropout_mask(self, shape, p):
         """uint8 keep-mask (1 = keep) for the LoRA branch input, drawn from self.rng."""
-        keep = self.rng.random(shape, dtype=np.float32) >= self.lora_dropout
+        keep = self.rng.random(shape, dtype=np.float32) >= p
         return keep.view(np.uint8)
 
-    # -- merging and state ------------------------------------------------
-    def _apply_delta(self, alpha):
-        _C.linear_merge(self.weight.data, self.lora_A.data, self.lora_B.data, alpha, self.fan_in_fan_out)
-        self._cache = None
+    # -- merging and named adapters (the bookkeeping: layers/adapters.py) --------
+    def _delta_into(self, weight, a, b, alpha):
+        _C.linear_merge(weight, a, b, alpha, self.fan_in_fan_out)
 
-    def _state_items(self):
-        for name, value in Module._state_items(self):
-            if name == "weight" and self.merged and self.r > 0:
-                value = value.copy()
-                _C.linear_merge(value, self.lora_A.data, self.lora_B.data, -self.scaling,
-                                self.fan_in_fan_out)
-            yield name, value
+    def _adapter_geometry(self):
+        return 1, self.in_features, self.out_features, "linear"
 
-    def _load_state_items(self, values):
-        """Loading into a merged layer equals loading unmerged, then merging."""
-        remerge = self.merged
-        self.unmerge()
-        Module._load_state_items(self, values)
-        if remerge:
-            self.merge()
+    def _weight_layout(self):
+        """(first (out, in)-view row of each adapted block, out rows, weight stored transposed?)"""
+        return (0,), self.out_features, self.fan_in_fan_out
 
     def extra_repr(self):
         text = (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -6,17 +6,18 @@ from collections import namedtuple
 import numpy as np
 
 from .. import _C
-from .. import init
-from .._arrays import (as_float_array, as_generator, check_last_dim, float_dtype,
-                       non_negative_int)
+from .. import init as _init
+from .._arrays import as_generator, float_dtype, non_negative_int
 from ..module import Module, Parameter
+from ._threading import locked
 from ._grads import GradBuffers
+from ._lora_init import check_init
 from .base import LoRALayer
 
 # What backward needs from a forward: the 2-D input, u = drop(x) A^T, the
-# dropout mask and its 1 / (1 - p), whether the adapter branch ran, and the
-# input's leading shape.
-_ForwardCache = namedtuple("_ForwardCache", ["x", "u", "mask", "keep_scale", "lora_on", "lead_shape"])
+# dropout mask and its 1 / (1 - p), whether the adapter branch ran, the
+# input's leading shape, and the named-adapter Branch (None on the fast path).
+_ForwardCache = namedtuple("_ForwardCache", ["x", "u", "mask", "keep_scale", "lora_on", "lead_shape", "branch"])
 
 
 class MergedLinear(LoRALayer, Module):
@@ -46,7 +47,7 @@ class MergedLinear(LoRALayer, Module):
 
     def __init__(self, in_features, out_features, r=0, lora_alpha=1, lora_dropout=0.0,
                  enable_lora=(False,), fan_in_fan_out=False, merge_weights=True, bias=True,
-                 dtype=np.float32, rng=None, use_rslora=False):
+                 dtype=np.float32, rng=None, use_rslora=False, init="kaiming", init_std=None):
         Module.__init__(self)
         self.in_features = non_negative_int(in_features, "in_features")
         self.out_features = non_negative_int(out_features, "out_features")
@@ -58,22 +59,24 @@ class MergedLinear(LoRALayer, Module):
         self._cache = None
         n_enabled = sum(self.enable_lora)
         self._adapter = self.r > 0 and n_enabled > 0
+        spec = check_init(init, init_std, type(self).__name__)
 
-        weight = init.kaiming_uniform((self.out_features, self.in_features), self.in_features,
-                                      self.rng, self.dtype)
+        weight = _init.kaiming_uniform((self.out_features, self.in_features), self.in_features,
+                                       self.rng, self.dtype)
         if self.fan_in_fan_out:
             weight = np.ascontiguousarray(weight.T)
         self.weight = Parameter(weight, requires_grad=not self._adapter)
         if bias:
             bound = 1.0 / np.sqrt(self.in_features) if self.in_features > 0 else 0.0
-            self.bias = Parameter(init.uniform((self.out_features,), bound, self.rng, self.dtype))
+            self.bias = Parameter(_init.uniform((self.out_features,), bound, self.rng, self.dtype))
         else:
             self.register_parameter("bias", None)
         if self._adapter:
-            group_out = self.out_features // len(self.enable_lora)
-            self.lora_A = Parameter(init.kaiming_uniform((self.r * n_enabled, self.in_features),
-                                                         self.in_features, self.rng, self.dtype))
-            self.lora_B = Parameter(init.zeros((group_out * n_enabled, self.r), self.dtype))
+            start = self._start_arrays(spec, self.r, self.scaling, self.rng, type(self).__name__)
+            self.lora_A = Parameter(start.lora_A)
+            self.lora_B = Parameter(start.lora_B)
+            if start.weight is not None:   # 'pissa': each enabled block becomes W0_g - scaling * B_g A_g
+                self.weight.data[...] = start.weight
 
     @property
     def lora_ind(self):
@@ -81,6 +84,7 @@ class MergedLinear(LoRALayer, Module):
         return np.repeat(np.array(self.enable_lora, dtype=bool), self.out_features // len(self.enable_lora))
 
     # -- forward / backward ---------------------------------------------
+    @locked
     def forward(self, x):
         # Hot path for small batches: a 2-D input of the right dtype goes
         # straight to the kernel, without reshapes or attribute hooks.
@@ -91,20 +95,40 @@ class MergedLinear(LoRALayer, Module):
         x2 = x if x.ndim == 2 else x.reshape(-1, self.in_features)
         bias = params["bias"]
         bias = None if bias is None else bias.data
-        lora_on = self._adapter and not self.merged
-        mask, keep_scale = None, 1.0 / (1.0 - self.lora_dropout)
+        lead_shape = x.shape[:-1]
+        if self._plain:  # loralib's state: "default" only (layers/adapters.py)
+            lora_on = self._adapter and not self.merged
+            a = params["lora_A"].data if lora_on else None
+            b = params["lora_B"].data if lora_on else None
+            scaling, dropout, branch = self.scaling, self.lora_dropout, None
+        else:  # named adapters, disabled adapters or a mixed batch
+            ids = self._mixed_row_ids(lead_shape)
+            if ids is not None:
+                return self._mixed_forward(x2, ids, lead_shape)
+            branch = self._branch()
+            a, b, scaling, dropout = branch.a, branch.b, branch.scaling, branch.dropout
+            lora_on = a is not None
+        mask, keep_scale = None, 1.0 / (1.0 - dropout)
         if lora_on:
-            if self.training and self.lora_dropout:
-                mask = self._dropout_mask(x2.shape)
-            y, u = _C.merged_linear_forward(x2, params["weight"].data, bias, params["lora_A"].data,
-                                            params["lora_B"].data, self.enable_lora, self.scaling,
+            if self.training and dropout:
+                mask = self._dropout_mask(x2.shape, dropout)
+            y, u = _C.merged_linear_forward(x2, params["weight"].data, bias, a, b, self.enable_lora, scaling,
                                             self.fan_in_fan_out, mask, keep_scale)
         else:  # merged or no adapter: the base layer only
             y, u = _C.linear_forward(x2, params["weight"].data, bias, None, None, 0.0, self.fan_in_fan_out)
-        lead_shape = x.shape[:-1]
-        self.__dict__["_cache"] = _ForwardCache(x2, u, mask, keep_scale, lora_on, lead_shape)
+        self._cache = _ForwardCache(x2, u, mask, keep_scale, lora_on, lead_shape, branch)
         return y if x.ndim == 2 else y.reshape(lead_shape + (self.out_features,))
 
+    def _mixed_forward(self, x2, ids, lead_shape):
+        """Inference on a mixed batch: row i gets adapter ids[i] (-1: none), in C."""
+        As, Bs, scalings = self._mixed_operands()
+        bias = self._parameters["bias"]
+        y = _C.multi_linear_forward(x2, self._parameters["weight"].data, None if bias is None else bias.data,
+                                    As, Bs, scalings, ids, self.fan_in_fan_out, self.enable_lora)
+        self._cache = None
+        return y.reshape(lead_shape + (self.out_features,))
+
+    @locked
     def backward(self, grad_output):
         """Gradient w.r.t. the input; accumulates .grad of trainable parameters."""
         cache = self._require_cache()
@@ -115,7 +139,8 @@ class MergedLinear(LoRALayer, Module):
         g2 = g if g.ndim == 2 else g.reshape(-1, self.out_features)
         params = self._parameters
         weight = params["weight"]
-        if cache.lora_on:
+        branch = cache.branch
+        if cache.lora_on and branch is None:  # the fast path's forward
             lora_a, lora_b = params["lora_A"], params["lora_B"]
             grads = {"grad_weight": weight, "grad_bias": params["bias"],
                      "grad_lora_A": lora_a, "grad_lora_B": lora_b}
@@ -123,66 +148,46 @@ class MergedLinear(LoRALayer, Module):
                 dx = _C.merged_linear_backward(
                     g2, cache.x, weight.data, lora_a.data, lora_b.data, cache.u, self.enable_lora,
                     self.scaling, self.fan_in_fan_out, cache.mask, cache.keep_scale, True, **buffers)
+        elif cache.lora_on:  # named adapters (layers/adapters.py)
+            base_grads = GradBuffers({"grad_weight": weight, "grad_bias": params["bias"]})
+            with base_grads as buffers, self._branch_grads(branch) as lora_buffers:
+                dx = _C.merged_linear_backward(
+                    g2, cache.x, weight.data, branch.a, branch.b, cache.u, self.enable_lora, branch.scaling,
+                    self.fan_in_fan_out, cache.mask, cache.keep_scale, True, **buffers, **lora_buffers)
         else:
             with GradBuffers({"grad_weight": weight, "grad_bias": params["bias"]}) as buffers:
                 dx = _C.linear_backward(g2, cache.x, weight.data, None, None, None, 0.0,
                                         self.fan_in_fan_out, None, 1.0, True, **buffers)
-        self.__dict__["_cache"] = None
+        self._cache = None
         return dx if len(cache.lead_shape) == 1 else dx.reshape(cache.lead_shape + (self.in_features,))
 
-    def _checked_input(self, x):
-        name = f"{type(self).__name__}.forward: input"
-        x = as_float_array(x, self.dtype, name)
-        check_last_dim(x, self.in_features, name)
-        return x
-
-    def _checked_grad_output(self, g, expected):
-        name = f"{type(self).__name__}.backward: grad_output"
-        g = as_float_array(g, self.dtype, name)
-        if g.shape != expected:
-            raise ValueError(f"{name} must have shape {expected} (the output's), got {g.shape}")
-        return g
-
-    def _require_cache(self):
-        cache = self._cache
-        if cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward() called without a preceding forward() "
-                               "(or twice for one forward)")
-        if cache.lora_on != (self._adapter and not self.merged):
-            raise RuntimeError(f"{type(self).__name__}.backward(): the adapter was merged or unmerged "
-                               "(train()/eval()) between forward() and backward(); run forward() again")
-        return cache
-
-    def _dropout_mask(self, shape):
+    def _dropout_mask(self, shape, p):
         """uint8 keep-mask (1 = keep) of the LoRA branch input, shared by all
         groups as in loralib, drawn from self.rng."""
-        keep = self.rng.random(shape, dtype=np.float32) >= self.lora_dropout
+        keep = self.rng.random(shape, dtype=np.float32) >= p
         return keep.view(np.uint8)
 
-    # -- merging and state ------------------------------------------------
-    def _apply_delta(self, alpha):
-        if self._adapter:
-            self._merge_into(self.weight.data, alpha)
-        self._cache = None
+    # -- merging and named adapters (the bookkeeping: layers/adapters.py) --------
+    def _default_adapter_on(self):
+        return bool(self._adapter)
 
-    def _merge_into(self, weight, alpha):
-        _C.merged_linear_merge(weight, self.lora_A.data, self.lora_B.data, self.enable_lora, alpha,
-                               self.fan_in_fan_out)
+    def _delta_into(self, weight, a, b, alpha):
+        _C.merged_linear_merge(weight, a, b, self.enable_lora, alpha, self.fan_in_fan_out)
 
-    def _load_state_items(self, values):
-        """Loading into a merged layer equals loading unmerged, then merging."""
-        remerge = self.merged
-        self.unmerge()
-        Module._load_state_items(self, values)
-        if remerge:
-            self.merge()
+    def _adapter_capable(self):
+        return any(self.enable_lora)
 
-    def _state_items(self):
-        for name, value in Module._state_items(self):
-            if name == "weight" and self.merged and self._adapter:
-                value = value.copy()
-                self._merge_into(value, -self.scaling)
-            yield name, value
+    def _init_adapters(self):
+        super()._init_adapters()
+        self._adapter = "default" in self._adapters  # loralib's adapter: r > 0 and a group enabled
+
+    def _adapter_geometry(self):
+        return sum(self.enable_lora), self.in_features, self.out_features // len(self.enable_lora), "linear"
+
+    def _weight_layout(self):
+        """(first (out, in)-view row of each adapted block, out rows, weight stored transposed?)"""
+        og = self.out_features // len(self.enable_lora)
+        return tuple(g * og for g, on in enumerate(self.enable_lora) if on), self.out_features, self.fan_in_fan_out
 
     def extra_repr(self):
         text = (f"in_features={self.in_features}, out_features={self.out_features}, "

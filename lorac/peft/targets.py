@@ -20,6 +20,7 @@ import numpy as np
 from .. import init
 from .._arrays import as_generator
 from ..layers import Embedding, Linear
+from ..layers._threading import forget_thread_state
 from ..module import Parameter
 
 KIND_OF_CLASS = {Linear: "linear", Embedding: "embedding"}
@@ -92,7 +93,7 @@ def build_layer(old, r, lora_alpha, use_rslora, lora_dropout, rng):
     new.__dict__.update(old.__dict__)
     new.__dict__["_parameters"] = OrderedDict(old._parameters)
     new.__dict__["_modules"] = OrderedDict(old._modules)
-    new.__dict__["_cache"] = None
+    forget_thread_state(new)
     is_embedding = cls is Embedding
     new._init_lora(r, lora_alpha, 0.0 if is_embedding else lora_dropout, old.merge_weights, use_rslora)
     if rng is not None:

@@ -1,0 +1,545 @@
+"""Many adapters on one base model: named adapters, hot swap, merging,
+weighted combinations and mixed batches (the model-level API).
+
+Every LoRA layer (lorac.Linear, Embedding, MergedLinear) holds named
+adapters (see lorac/layers/adapters.py); these functions apply to all of a
+model's LoRA layers at once:
+
+    lorac.add_adapter(model, "french", r=8, lora_alpha=16)
+    lorac.set_adapter(model, "french")                 # or a list: summed
+    lorac.save_adapter(model, "french.safetensors", "french")
+    lorac.load_adapter(model, "german.safetensors", "french")   # hot swap, in place
+    with lorac.disable_adapters(model): base = model(x)
+    y = model(x, adapter_names=["default", "french", "__base__", ...])   # one per row
+
+Mixed batches: ``model(x, adapter_names=[...])`` (one name per row of x's
+first axis; ``"__base__"`` = no adapter) or ``model(x, adapter_ids=ids)``
+(integers; id k is ``lorac.adapter_names(model)[k]``, the adapters in the
+order they were added; -1 = no adapter).  ``Module.__call__`` resolves the
+names once, puts the per-row ids in thread-local storage for the duration of
+this one forward, and every LoRA layer reached by it runs the mixed-batch C
+kernel (base GEMM once, then rows grouped per adapter).  The rows of an input
+of any leading shape follow its first axis (x (B, T, in): ids (B,)).  A layer
+lacking a row's adapter gives that row its base output.  Inference only:
+training mode, merged adapters, unknown names / ids or a wrong length raise
+before anything runs.  The call overrides ``set_adapter`` and
+``disable_adapters`` for its rows.  Thread-safe: other threads' ordinary
+forwards through the same layers are unaffected.
+"""
+
+import math
+from collections import OrderedDict
+from contextlib import ExitStack, contextmanager
+
+import numpy as np
+
+from . import checkpoint
+from ._arrays import as_generator, non_negative_int, probability, real_number
+from .layers.adapters import BASE, DEFAULT, AdapterConfig, check_new_name, mixed_batch, names_list
+from .layers._lora_init import check_init
+from .layers._threading import forget_thread_state
+from .layers.base import LoRALayer
+from .module import IncompatibleKeys, Module, StateDictKeyError
+from .utils import lora_state_dict
+
+__all__ = ["adapter_names", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters",
+           "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "add_weighted_adapter",
+           "load_adapter", "save_adapter"]
+
+COMBINATIONS = ("cat", "linear", "svd")
+
+
+# -- finding layers ------------------------------------------------------------
+def adapter_layers(model):
+    """[(path, layer)] of the LoRA layers of `model` that hold named adapters
+    (lorac.Linear, Embedding, MergedLinear), `model` itself included ("")."""
+    if not isinstance(model, Module):
+        raise TypeError(f"expected a lorac.Module, got {type(model).__name__}")
+    return [(path, m) for path, m in model.named_modules()
+            if isinstance(m, LoRALayer) and m._named_adapters]
+
+
+def adapter_names(model):
+    """The adapter names of `model` in the order they were added (first seen
+    over its layers): ``adapter_ids`` of a mixed batch index this tuple."""
+    seen = OrderedDict()
+    for _, layer in adapter_layers(model):
+        for name in layer.adapter_names:
+            seen.setdefault(name, None)
+    return tuple(seen)
+
+
+def _require_known(model, names, func):
+    known = adapter_names(model)
+    for name in names:
+        if name not in known:
+            raise ValueError(f"{func}: the model has no adapter {name!r}; it has {list(known)}")
+
+
+# -- adding, choosing, deleting ---------------------------------------------------
+def add_adapter(model, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False, init="kaiming",
+                target_modules=None, rng=None, init_std=None):
+    """Add adapter `name` (rank r, its own alpha / dropout / rsLoRA) to LoRA layers of `model`.
+
+    target_modules: None -- every LoRA layer that already holds an adapter
+    (the layers adapted so far) --, or PEFT's rule (a regex on the whole
+    module path, or a list of names matching a path or its last components),
+    which may also pick plain layers (r = 0): their weight is then frozen.
+    Embedding layers get no dropout.  init, init_std, rng: see ``Linear.add_adapter``.
+    The adapter is not active until ``set_adapter``.  Everything is checked
+    before any layer changes.  Returns the model."""
+    check_new_name(name)
+    r = non_negative_int(r, "r")
+    lora_alpha = real_number(lora_alpha, "lora_alpha")
+    lora_dropout = probability(lora_dropout, "lora_dropout")
+    if r == 0:
+        raise ValueError("add_adapter: r must be >= 1, got 0")
+    if name == DEFAULT:
+        raise ValueError(f"add_adapter: {DEFAULT!r} is the layers' constructor adapter; use another name "
+                         "(or lorac.inject_lora for plain layers)")
+    layers = adapter_layers(model)
+    if target_modules is None:
+        chosen = [(p, m) for p, m in layers if m.adapter_names]
+        if not chosen:
+            raise ValueError("add_adapter: no LoRA layer of the model holds an adapter yet; give target_modules")
+    else:
+        from .peft.targets import compile_matcher
+        matches = compile_matcher(target_modules)
+        chosen = [(p, m) for p, m in layers if p and matches(p) and m._adapter_capable()]
+        if not chosen:
+            raise ValueError(f"add_adapter: target_modules {target_modules!r} matched no LoRA layer; the "
+                             f"model's are {[p for p, _ in layers][:20]}")
+    spec = check_init(init, init_std, "add_adapter")
+    for path, layer in chosen:
+        if name in layer.adapter_names:
+            raise ValueError(f"add_adapter: layer {path!r} already has an adapter {name!r}")
+        if spec.name == "pissa":
+            layer._check_pissa_allowed(f"add_adapter: layer {path!r}", others=layer.adapter_names)
+    gen = as_generator(rng) if rng is not None else None
+    for _, layer in chosen:
+        dropout = 0.0 if layer._adapter_geometry()[3] == "embedding" else lora_dropout
+        layer.add_adapter(name, r, lora_alpha, dropout, use_rslora, spec, gen)
+    return model
+
+
+def set_adapter(model, adapter_names):
+    """Make `adapter_names` (a name or a list: summed) the active adapters of
+    every LoRA layer; a layer lacking some of them uses those it has."""
+    names = names_list(adapter_names)
+    _require_known(model, names, "set_adapter")
+    for _, layer in adapter_layers(model):
+        layer.set_adapter([n for n in names if n in layer.adapter_names])
+    return model
+
+
+def delete_adapter(model, name):
+    """Delete adapter `name` from every layer holding it (checked in all first:
+    not "default", not active, not merged)."""
+    _require_known(model, [name], "delete_adapter")
+    holders = [(p, m) for p, m in adapter_layers(model) if name in m.adapter_names]
+    for path, layer in holders:
+        if name == DEFAULT or name in layer.active_adapters or name in layer.merged_adapters:
+            try:
+                layer.delete_adapter(name)  # raises the layer's explanation
+            except ValueError as exc:
+                raise ValueError(f"delete_adapter: layer {path!r}: {exc}") from None
+    for _, layer in holders:
+        layer.delete_adapter(name)
+    return model
+
+
+@contextmanager
+def disable_adapters(model):
+    """Context manager: every LoRA layer computes its base output (see
+    ``Linear.disable_adapters`` for merged layers)."""
+    with ExitStack() as stack:
+        for _, layer in adapter_layers(model):
+            stack.enter_context(layer.disable_adapters())
+        yield model
+
+
+# -- merging ------------------------------------------------------------------------
+def merge_adapter(model, names=None):
+    """Merge the named adapters (default: each layer's active ones) into the base weights."""
+    if names is not None:
+        names = names_list(names, "names")
+        _require_known(model, names, "merge_adapter")
+    for _, layer in adapter_layers(model):
+        layer.merge(None if names is None else [n for n in names if n in layer.adapter_names])
+    return model
+
+
+def unmerge_adapter(model):
+    """Take every merged adapter out of the base weights."""
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model, safe_merge=False, names=None):
+    """Merge adapters into the base weights and return the plain model.
+
+    names: the adapters to merge (default: each layer's active ones); those
+    already merged stay merged.  Every LoRA layer is then replaced by the
+    layer the constructor gives with r = 0 (trainable weight, no lora_*
+    parameters) holding the merged weight, in place in its parent; the model
+    is returned (the new layer when `model` itself is a LoRA layer).
+
+    safe_merge: first compute every layer's merged weight on a copy and raise
+    ValueError if any holds NaN or inf, before any base weight is touched.
+    MoLoRALinear layers (input-dependent gates: nothing to merge) stay as they are."""
+    if names is not None:
+        names = names_list(names, "names")
+        _require_known(model, names, "merge_and_unload")
+    layers = adapter_layers(model)
+    plans = []
+    for path, layer in layers:
+        if layer._adapters_disabled:
+            raise RuntimeError(f"merge_and_unload: layer {path!r} is inside disable_adapters()")
+        wanted = layer.active_adapters if names is None else [n for n in names if n in layer.adapter_names]
+        plans.append((path, layer, tuple(n for n in wanted if n not in layer.merged_adapters)))
+    if safe_merge:
+        for path, layer, todo in plans:
+            weight = layer.weight.data.copy()
+            for name in todo:
+                layer._apply_adapter_delta(weight, name, +1)
+            if not np.isfinite(weight).all():
+                raise ValueError(f"merge_and_unload(safe_merge=True): merging {list(todo)} into layer {path!r} "
+                                 "gives non-finite weights (NaN or inf); no weight was changed")
+    for _, layer, todo in plans:
+        if todo:
+            layer.merge(todo)
+    return _replace_by_plain(model, layers)
+
+
+def unload(model):
+    """Remove every adapter without merging: unmerge, then replace each LoRA
+    layer by the constructor's r = 0 layer holding the base weight (as
+    merge_and_unload).  Returns the model (or the new layer)."""
+    layers = adapter_layers(model)
+    for path, layer in layers:
+        if layer._adapters_disabled:
+            raise RuntimeError(f"unload: layer {path!r} is inside disable_adapters()")
+    for _, layer in layers:
+        layer.unmerge()
+    return _replace_by_plain(model, layers)
+
+
+def _replace_by_plain(model, layers):
+    modules = dict(model.named_modules())
+    root = model
+    for path, layer in layers:
+        plain = _plain_layer(layer)
+        if not path:
+            root = plain
+            continue
+        parent_path, _, child = path.rpartition(".")
+        modules[parent_path].add_module(child, plain)
+    return root
+
+
+def _plain_layer(layer):
+    """The layer the constructor gives with r = 0, holding `layer`'s (merged)
+    weight and bias Parameters (no copy); `layer` is left as it is."""
+    new = object.__new__(type(layer))
+    new.__dict__.update(layer.__dict__)
+    new.__dict__["_parameters"] = OrderedDict((k, v) for k, v in layer._parameters.items()
+                                              if not k.startswith("lora_"))
+    new.__dict__["_modules"] = OrderedDict(layer._modules)
+    forget_thread_state(new)
+    new._init_lora(0, 1, 0.0, layer.merge_weights, False)
+    new.weight.requires_grad = True
+    new.train(layer.training)  # r = 0: eval() only sets the merged flag
+    return new
+
+
+# -- weighted combinations ---------------------------------------------------------------
+def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd_rank=None):
+    """Add adapter `new_name` combining adapters `names` with `weights`.
+
+    In every layer holding some of them the target is the weighted delta
+    sum_i w_i s_i B_i A_i over the adapters it holds (a missing adapter counts
+    as zero there, as in a forward, and as PEFT does), each adapter's scaling
+    s_i applied once (PEFT #3111 applies it twice for svd).
+    The new adapter has scaling 1 (lora_alpha = its rank, no rsLoRA), the
+    first adapter's dropout, and is not active until set_adapter.
+
+    combination:
+      "cat"    exact: A = [A_1; ...; A_n], B = [w_1 s_1 B_1, ..., w_n s_n B_n],
+               rank sum r_i.
+      "svd"    the best rank-k approximation of the exact weighted delta
+               (k = svd_rank, default max r_i; exact when k >= sum r_i), from
+               QR factors of B and A^T and an SVD of a small matrix: the
+               (out, in) delta is never formed.  B = U_k S_k, A = V_k^T.
+      "linear" equal ranks only: A = sum c_i A_i, B = sum sign(w_i s_i) c_i B_i
+               with c_i = sqrt(|w_i s_i|).  Approximate: B A holds the wanted
+               w_i s_i B_i A_i plus cross terms c_i c_j B_i A_j (i != j)
+               (PEFT #3004); exact for a single adapter.
+    MergedLinear layers combine group by group.  Checked before any change.
+    Returns the model."""
+    names = names_list(names, "names")
+    if not names:
+        raise ValueError("add_weighted_adapter: names must name at least one adapter")
+    try:
+        weights = [real_number(w, "weights[i]") for w in weights]
+    except TypeError:
+        raise TypeError(f"add_weighted_adapter: weights must be a list of real numbers, got "
+                        f"{type(weights).__name__}") from None
+    if len(weights) != len(names):
+        raise ValueError(f"add_weighted_adapter: {len(names)} names but {len(weights)} weights")
+    check_new_name(new_name, "new_name")
+    if combination not in COMBINATIONS:
+        raise ValueError(f"add_weighted_adapter: combination must be one of {COMBINATIONS}, got {combination!r}")
+    if svd_rank is not None:
+        svd_rank = non_negative_int(svd_rank, "svd_rank")
+        if svd_rank == 0:
+            raise ValueError("add_weighted_adapter: svd_rank must be >= 1, got 0")
+    _require_known(model, names, "add_weighted_adapter")
+    if new_name in adapter_names(model):
+        raise ValueError(f"add_weighted_adapter: the model already has an adapter {new_name!r}")
+
+    plans = []
+    for path, layer in adapter_layers(model):
+        held = [(n, w) for n, w in zip(names, weights) if n in layer.adapter_names]
+        if not held:
+            continue
+        a, b = _combined(layer, [n for n, _ in held], [w for _, w in held], combination, svd_rank, path)
+        dropout = layer.adapter_config(held[0][0]).lora_dropout
+        plans.append((layer, a, b, dropout))
+    for layer, a, b, dropout in plans:
+        rank = a.shape[0] // layer._adapter_geometry()[0]
+        layer.add_adapter(new_name, rank, lora_alpha=rank, lora_dropout=dropout)
+        layer._replace_adapter(new_name, a, b)
+    return model
+
+
+def _combined(layer, names, weights, combination, svd_rank, path):
+    """(A (groups * k, in), B (groups * og, k)) in float64 of the combined adapter."""
+    groups, fan_in, og, _ = layer._adapter_geometry()
+    As, Bs, coefs = [], [], []
+    for name, w in zip(names, weights):
+        A, B = layer.adapter_parameters(name)
+        As.append(A.data.astype(np.float64).reshape(groups, -1, fan_in))   # (E, r_i, in)
+        Bs.append(B.data.astype(np.float64).reshape(groups, og, -1))       # (E, og, r_i)
+        coefs.append(w * layer._scaling_of(name))
+    if combination == "cat":
+        a = np.concatenate(As, axis=1)
+        b = np.concatenate([c * B for c, B in zip(coefs, Bs)], axis=2)
+    elif combination == "linear":
+        ranks = sorted({A.shape[1] for A in As})
+        if len(ranks) != 1:
+            raise ValueError(f"add_weighted_adapter(combination='linear'): layer {path!r} has adapters of ranks "
+                             f"{[A.shape[1] for A in As]}; 'linear' needs equal ranks (use 'cat' or 'svd')")
+        roots = [math.sqrt(abs(c)) for c in coefs]
+        a = sum(root * A for root, A in zip(roots, As))
+        b = sum(math.copysign(root, c) * B for root, c, B in zip(roots, coefs, Bs))
+    else:
+        k = svd_rank if svd_rank is not None else max(A.shape[1] for A in As)
+        a_cat = np.concatenate(As, axis=1)
+        b_cat = np.concatenate([c * B for c, B in zip(coefs, Bs)], axis=2)
+        a = np.zeros((groups, k, fan_in))
+        b = np.zeros((groups, og, k))
+        for e in range(groups):
+            b[e], a[e] = _truncated_product(b_cat[e], a_cat[e], k)
+    return a.reshape(-1, fan_in), b.reshape(groups * og, -1)
+
+
+def _truncated_product(b, a, k):
+    """Best rank-k factors (B_k (m, k), A_k (k, n)) of the product b (m, R) @ a (R, n):
+    b = Qb Rb, a^T = Qa Ra, b a = Qb (Rb Ra^T) Qa^T, an SVD of the R x R middle."""
+    m, n = b.shape[0], a.shape[1]
+    out_b, out_a = np.zeros((m, k)), np.zeros((k, n))
+    if min(m, n, a.shape[0]) == 0:
+        return out_b, out_a
+    qb, rb = np.linalg.qr(b)
+    qa, ra = np.linalg.qr(a.T)
+    u, s, vt = np.linalg.svd(rb @ ra.T)
+    keep = min(k, s.size)
+    out_b[:, :keep] = (qb @ u[:, :keep]) * s[:keep]
+    out_a[:keep] = vt[:keep] @ qa.T
+    return out_b, out_a
+
+
+# -- files -----------------------------------------------------------------------------
+def save_adapter(model, path, adapter_name=DEFAULT):
+    """Write adapter `adapter_name` alone as a loralib-compatible file:
+    ``lora_state_dict(model, adapter=adapter_name)`` (keys ``<layer>.lora_A``,
+    ``<layer>.lora_B``) with safetensors metadata recording each layer's
+    lora_alpha / use_rslora (lorac.peft.adapter's format; none for .npz), so
+    ``load_adapter`` restores the scaling."""
+    from .peft.adapter import Adapter, LayerAdapter
+    state = lora_state_dict(model, adapter=adapter_name)
+    records = Adapter()
+    for lpath, layer in adapter_layers(model):
+        if adapter_name in layer.adapter_names:
+            A, B = layer.adapter_parameters(adapter_name)
+            config = layer.adapter_config(adapter_name)
+            kind = layer._adapter_geometry()[3]
+            records.layers[lpath] = LayerAdapter(A.data, B.data, kind=kind, lora_alpha=config.lora_alpha,
+                                                 use_rslora=config.use_rslora,
+                                                 fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)))
+    npz = str(path).lower().endswith(".npz")
+    checkpoint.save(state, path, None if npz else records.metadata())
+
+
+def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, strict=True):
+    """Load a loralib-style adapter file into adapter `adapter_name` of `model`.
+
+    The file holds ``<layer>.lora_A`` / ``<layer>.lora_B`` (what
+    ``save_adapter`` or ``lora_state_dict(model, adapter=...)`` write, or a
+    loralib checkpoint).  Per layer: if it holds the adapter with the same
+    shapes, the arrays are copied in place (hot swap: no reallocation; a
+    merged adapter is unmerged with its old values and merged with the new
+    ones, an unmerged one leaves the base weight alone); another rank gets new
+    arrays; a layer without the adapter gets it (not active until
+    set_adapter).
+
+    lora_alpha / use_rslora: None takes the file's metadata, else the
+    adapter's current values; a new adapter with no alpha anywhere is an error.
+    strict: file keys for no LoRA layer (``unexpected_keys``) or layers
+    holding the adapter that the file does not cover (``missing_keys``) raise
+    StateDictKeyError; strict=False loads what matches.  Everything is checked
+    before the model changes.  Returns IncompatibleKeys(missing, unexpected)."""
+    from .peft.adapter import _layer_records, _parse_bool, _parse_number
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"load_adapter: adapter_name must be a str, got {type(adapter_name).__name__}")
+    if adapter_name != DEFAULT:
+        check_new_name(adapter_name, "adapter_name")
+    if lora_alpha is not None:
+        lora_alpha = real_number(lora_alpha, "lora_alpha")
+    if use_rslora is not None and not isinstance(use_rslora, bool):
+        raise TypeError(f"load_adapter: use_rslora must be a bool or None, got {type(use_rslora).__name__}")
+    state = checkpoint.load(path)
+    meta = checkpoint.read_metadata(path)
+    records = _layer_records(meta, path)
+    g_alpha = _parse_number(meta["lora_alpha"], "lora_alpha", path) if "lora_alpha" in meta else None
+    g_rslora = _parse_bool(meta["use_rslora"], "use_rslora", path) if "use_rslora" in meta else None
+
+    layers = dict(adapter_layers(model))
+    halves, unexpected = {}, []
+    for key, value in state.items():
+        lpath, _, param = key.rpartition(".")
+        if param in ("lora_A", "lora_B") and lpath in layers:
+            halves.setdefault(lpath, {})[param] = (key, np.asarray(value))
+        else:
+            unexpected.append(key)
+    plans = []
+    for lpath, pair in halves.items():
+        layer = layers[lpath]
+        if len(pair) != 2:
+            (key, _), = pair.values()
+            raise ValueError(f"load_adapter: {path}: {key!r} has no matching lora_A/lora_B partner")
+        (a_key, a), (b_key, b) = pair["lora_A"], pair["lora_B"]
+        groups, fan_in, og, kind = layer._adapter_geometry()
+        for key, arr in ((a_key, a), (b_key, b)):
+            if arr.ndim != 2 or arr.dtype.kind != "f":
+                raise ValueError(f"load_adapter: {path}: {key!r} must be a 2-D float array, got shape "
+                                 f"{arr.shape} dtype {arr.dtype}")
+        r = a.shape[0] // groups
+        if r == 0 or a.shape != (groups * r, fan_in) or b.shape != (groups * og, r):
+            raise ValueError(f"load_adapter: {path}: layer {lpath!r} ({type(layer).__name__}) needs lora_A "
+                             f"(r * {groups}, {fan_in}) and lora_B ({groups * og}, r) with r >= 1; found "
+                             f"{a.shape} and {b.shape}")
+        has = adapter_name in layer.adapter_names
+        if adapter_name == DEFAULT and not has:
+            raise ValueError(f"load_adapter: layer {lpath!r} has no {DEFAULT!r} adapter (it was built with r = 0); "
+                             "load into a named adapter, or lorac.inject_lora first")
+        record = records.get(lpath, {})
+        current = layer.adapter_config(adapter_name) if has else None
+        alpha = lora_alpha if lora_alpha is not None else record.get("lora_alpha", g_alpha)
+        alpha = current.lora_alpha if alpha is None and current is not None else alpha
+        if alpha is None:
+            raise ValueError(f"load_adapter: {path} does not record lora_alpha of layer {lpath!r} and the layer "
+                             f"has no adapter {adapter_name!r} yet; give lora_alpha=")
+        alpha = _parse_number(alpha, f"lora_layers[{lpath!r}].lora_alpha", path)
+        rslora = use_rslora if use_rslora is not None else record.get("use_rslora", g_rslora)
+        rslora = (current.use_rslora if current is not None else False) if rslora is None else bool(rslora)
+        dropout = current.lora_dropout if current is not None else 0.0
+        plans.append((layer, has, AdapterConfig(r, alpha, dropout, rslora), a, b))
+    covered = {id(layer) for layer, *_ in plans}
+    missing = [f"{p}.{n}" if p else n for p, layer in layers.items()
+               if adapter_name in layer.adapter_names and id(layer) not in covered for n in ("lora_A", "lora_B")]
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append("missing keys: " + ", ".join(repr(k) for k in missing))
+        if unexpected:
+            parts.append("unexpected keys: " + ", ".join(repr(k) for k in unexpected))
+        raise StateDictKeyError(f"load_adapter({adapter_name!r}) from {path}: " + "; ".join(parts),
+                                missing, unexpected)
+    for layer, has, config, a, b in plans:
+        if not has:
+            layer.add_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
+        layer._replace_adapter(adapter_name, a, b, config)
+    return IncompatibleKeys(missing, unexpected)
+
+
+# -- mixed batches ------------------------------------------------------------------------
+def mixed_batch_call(model, args, kwargs):
+    """``model(x, adapter_names=...)`` / ``model(x, adapter_ids=...)``: see the module doc."""
+    names = kwargs.pop("adapter_names", None)
+    ids = kwargs.pop("adapter_ids", None)
+    func = f"{type(model).__name__}.__call__"
+    if (names is None) == (ids is None):
+        raise TypeError(f"{func}: give exactly one of adapter_names and adapter_ids")
+    if not args:
+        raise TypeError(f"{func}: a mixed batch needs the input as the first positional argument")
+    for path, module in model.named_modules():
+        if getattr(module, "_mixed_batch_unsupported", False):
+            raise ValueError(f"{func}: mixed batches are not supported by {type(module).__name__} "
+                             f"({path or 'the model'!r})")
+    layers = adapter_layers(model)
+    known = adapter_names(model)
+    if names is not None:
+        ids = _ids_from_names(names, known, func)
+    else:
+        ids = _checked_ids(ids, known, func)
+    shape = np.shape(args[0])
+    if len(shape) == 0 or shape[0] != ids.shape[0]:
+        raise ValueError(f"{func}: {ids.shape[0]} adapter {'names' if names is not None else 'ids'} for an input "
+                         f"of shape {tuple(shape)}; give one per row of the input's first axis")
+    for path, layer in layers:
+        if layer.training:
+            raise RuntimeError(f"{func}: a mixed batch is for inference only, but layer {path or type(layer).__name__!r} "
+                               "is in training mode; call model.eval() first")
+        if layer.merged_adapters:
+            raise RuntimeError(f"{func}: layer {path or type(layer).__name__!r} has adapters "
+                               f"{list(layer.merged_adapters)} merged into its weight; a mixed batch needs unmerged "
+                               "adapters: call lorac.unmerge_adapter(model) (eval() merges when merge_weights=True)")
+    tables = {}
+    for _, layer in layers:
+        local = {name: i for i, name in enumerate(layer.adapter_names)}
+        tables[layer] = np.array([local.get(name, -1) for name in known] + [-1], dtype=np.intp)
+    with mixed_batch(tables, ids):
+        return model.forward(*args, **kwargs)
+
+
+def _ids_from_names(names, known, func):
+    if isinstance(names, str) or not hasattr(names, "__len__"):
+        raise TypeError(f"{func}: adapter_names must be a list of str (one per row), got {type(names).__name__}")
+    index = {name: i for i, name in enumerate(known)}
+    index[BASE] = -1
+    ids = np.empty(len(names), dtype=np.intp)
+    for row, name in enumerate(names):
+        if not isinstance(name, str):
+            raise TypeError(f"{func}: adapter_names must be a list of str, got {type(name).__name__} at row {row}")
+        if name not in index:
+            raise ValueError(f"{func}: unknown adapter {name!r} at row {row}; the model has {list(known)} "
+                             f"(or {BASE!r} for none)")
+        ids[row] = index[name]
+    return ids
+
+
+def _checked_ids(ids, known, func):
+    count = len(known)
+    arr = np.asarray(ids)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{func}: adapter_ids must be integers, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{func}: adapter_ids must be 1-D (one id per row), got shape {arr.shape}")
+    bad = (arr < -1) | (arr >= count)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(f"{func}: adapter_ids must lie in [-1, {count}) (-1: no adapter; ids index the "
+                         f"model's adapters {list(known)}), got {arr[row]} at row {row}")
+    return arr.astype(np.intp)
