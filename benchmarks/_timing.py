@@ -21,12 +21,16 @@ def set_threads_from_argv(default=None):
     return threads
 
 
-def time_interleaved(candidates, repeats=7, min_seconds=0.02):
+def time_interleaved(candidates, repeats=7, min_seconds=0.02, gap=0.1):
     """Median seconds per call of each zero-argument callable in `candidates`.
 
     Each callable is warmed up, given an inner loop long enough to last
     min_seconds, then the candidates are timed in turn, `repeats` rounds, so
-    that a slow phase of a shared machine hits them all alike."""
+    that a slow phase of a shared machine hits them all alike.  Before each
+    timed stretch the process sleeps `gap` seconds and makes one untimed call:
+    the previous candidate's BLAS (NumPy's and lorac's are separate OpenBLAS
+    copies) keeps its threads spinning for a while after a call, and would
+    otherwise steal the cores of the next one."""
     loops = {}
     for name, fn in candidates.items():
         fn()
@@ -38,6 +42,8 @@ def time_interleaved(candidates, repeats=7, min_seconds=0.02):
     for _ in range(repeats):
         for name, fn in candidates.items():
             n = loops[name]
+            time.sleep(gap)
+            fn()
             start = time.perf_counter()
             for _ in range(n):
                 fn()

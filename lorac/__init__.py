@@ -13,43 +13,36 @@ The loralib workflow without PyTorch::
 
 __version__ = "0.1.0"
 
+# layers and model bookkeeping
 from .config import blas_info, get_num_threads, set_num_threads, show_config
 from .module import IncompatibleKeys, Module, Parameter, StateDictKeyError
 from .containers import Sequential
-from .layers import LoRALayer, Linear
-from .layers import Embedding, MergedLinear  # issue 3
-from .layers import GELU, Dropout, LayerNorm, ReLU, Tanh  # issue 5
-from .losses import CrossEntropyLoss, MSELoss  # issue 5
-from . import functional, nn, optim  # issue 5
+from .layers import (GELU, Dropout, Embedding, LayerNorm, Linear, LoRALayer, MergedLinear, MoLoRALinear,
+                     ReLU, Tanh)
+from .losses import CrossEntropyLoss, MSELoss
+from . import functional, nn, optim
 from .utils import count_parameters, lora_state_dict, mark_only_lora_as_trainable
-
-try:  # the checkpoint package is developed alongside; keep the core importable
-    from .checkpoint import load, save
-except ImportError:  # pragma: no cover
-    pass
-from .peft import inject_lora, load_peft_adapter, save_peft_adapter  # issue 4 (PEFT)
-from . import lowrank  # issue 8 (low-rank toolkit)
-from .layers import MoLoRALinear  # issue 6 (many adapters)
-from .adapters import (add_adapter, add_weighted_adapter, adapter_names, delete_adapter,  # issue 6
-                       disable_adapters, load_adapter, merge_adapter, merge_and_unload, save_adapter,
-                       set_adapter, unload, unmerge_adapter)
-from .lowrank import (extract_adapter, extract_lora, projection_distance, rank_report,  # issue 8
-                      subspace_similarity)
+# checkpoints and PEFT
+from .checkpoint import load, save
+from .peft import inject_lora, load_peft_adapter, save_peft_adapter
+# many adapters on one base
+from .adapters import (add_adapter, add_weighted_adapter, adapter_names, delete_adapter, disable_adapters,
+                       load_adapter, merge_adapter, merge_and_unload, save_adapter, set_adapter, unload,
+                       unmerge_adapter)
+# the low-rank toolkit
+from . import lowrank
+from .lowrank import extract_adapter, extract_lora, projection_distance, rank_report, subspace_similarity
 
 __all__ = [
     "__version__",
     "blas_info", "get_num_threads", "set_num_threads", "show_config",
     "Module", "Parameter", "IncompatibleKeys", "StateDictKeyError", "Sequential",
-    "LoRALayer", "Linear",
-    "Embedding", "MergedLinear",  # issue 3
-    "ReLU", "GELU", "Tanh", "Dropout", "LayerNorm", "CrossEntropyLoss", "MSELoss",  # issue 5
-    "functional", "nn", "optim",  # issue 5
+    "LoRALayer", "Linear", "Embedding", "MergedLinear", "MoLoRALinear",
+    "ReLU", "GELU", "Tanh", "Dropout", "LayerNorm", "CrossEntropyLoss", "MSELoss",
+    "functional", "nn", "optim",
     "mark_only_lora_as_trainable", "lora_state_dict", "count_parameters",
-    "save", "load",
-    "load_peft_adapter", "save_peft_adapter", "inject_lora",  # issue 4 (PEFT)
-    "lowrank", "extract_lora", "extract_adapter", "subspace_similarity", "projection_distance",  # issue 8
-    "rank_report",  # issue 8
-    "MoLoRALinear", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters",  # issue 6
-    "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "add_weighted_adapter",  # issue 6
-    "load_adapter", "save_adapter", "adapter_names",  # issue 6
+    "save", "load", "load_peft_adapter", "save_peft_adapter", "inject_lora",
+    "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge_adapter", "unmerge_adapter",
+    "merge_and_unload", "unload", "add_weighted_adapter", "load_adapter", "save_adapter", "adapter_names",
+    "lowrank", "extract_lora", "extract_adapter", "subspace_similarity", "projection_distance", "rank_report",
 ]

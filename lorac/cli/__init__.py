@@ -10,8 +10,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `lorac --help` lists them.
-COMMAND_MODULES = ["demo", "info", "convert", "merge"]
-COMMAND_MODULES += ["extract", "similarity", "rank"]  # issue 8 (low-rank toolkit)
+COMMAND_MODULES = ["demo", "info", "convert", "merge", "extract", "similarity", "rank"]
 
 
 class CommandError(Exception):
@@ -26,13 +25,7 @@ def build_parser():
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{name}":  # subcommand not written yet
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"{__name__}.{name}").register(subparsers)
     return parser
 
 
