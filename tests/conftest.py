@@ -25,3 +25,15 @@ def rng():
 
 
 DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture
+def child_env():
+    """Environment for a child Python that must import the same lorac as this
+    process (installed, or the source tree in development).  Run the child with
+    cwd set to a temporary folder, never the repository root, whose unbuilt
+    lorac/ would shadow the installed package."""
+    import lorac
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lorac.__file__)))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))

@@ -195,15 +195,13 @@ def test_stand_ins_cannot_be_modified(tmp_path, target):
     assert_same(ck.load(handmade_torch_file(tmp_path / "ok.pt")), HANDMADE_EXPECTED)
 
 
-def test_loading_never_imports_torch(tmp_path):
+def test_loading_never_imports_torch(tmp_path, child_env):
     import subprocess
     import sys
     path = handmade_torch_file(tmp_path / "ok.pt")
     code = ("import sys, lorac.checkpoint as c; c.load(sys.argv[1]); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
-        str(__import__("pathlib").Path(ck.__file__).parents[2]), os.environ.get("PYTHONPATH")])))
-    subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env)
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=child_env, cwd=tmp_path)
 
 
 def test_npz_object_array_is_never_unpickled(tmp_path):

@@ -2,7 +2,6 @@
 real subprocess)."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -283,12 +282,9 @@ def test_refused_peft_adapter_in_cli(capsys, files):
     assert code == 0 and "lorac cannot load this adapter" in out
 
 
-def test_console_entry_point_runs(files):
+def test_console_entry_point_runs(files, child_env):
     tmp, _, _ = files
-    # the child must import the same lorac as this process (installed, or the
-    # source tree in development), and not whatever sits in the current folder
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(lorac.__file__)))
-    env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env
     done = subprocess.run([sys.executable, "-m", "lorac", "info", str(tmp / "peft")], capture_output=True,
                           text=True, env=env, cwd=tmp, timeout=120)
     assert done.returncode == 0 and "LoRA layers: 2" in done.stdout

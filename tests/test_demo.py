@@ -1,7 +1,6 @@
 """`lorac demo`: runs end to end (shortened), writes its files, and is reproducible."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -97,10 +96,8 @@ def test_bad_arguments(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_python_dash_m_lorac_demo_help():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def test_python_dash_m_lorac_demo_help(tmp_path, child_env):
     proc = subprocess.run([sys.executable, "-m", "lorac", "demo", "--help"], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=60)
+                          env=child_env, cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--quick" in proc.stdout and "--out DIR" in proc.stdout
