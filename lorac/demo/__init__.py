@@ -21,25 +21,35 @@ __all__ = ["DemoConfig", "default_config", "quick_config", "run"]
 
 def run(config, out_dir, log=print):
     """Run the demo; writes checkpoints, summary.json, summary.txt and PNGs to out_dir.
-
     Returns (results dict, summary text)."""
-    from ..config import get_num_threads, set_num_threads
     from .experiment import run_experiment
     from .report import summary_text
+
+    def plots(results):
+        from .plots import make_plots
+
+        return make_plots(results, out_dir)
+
+    return run_and_report(config, out_dir, "summary", run_experiment, summary_text, plots, log)
+
+
+def run_and_report(config, out_dir, name, experiment, summarise, plots, log=print):
+    """experiment(config, out_dir, log=) at config.threads BLAS threads (restored
+    afterwards), then <name>.json, <name>.txt and, if config.plots, plots(results)
+    -> PNG paths.  Returns (results dict, summary text)."""
+    from ..config import get_num_threads, set_num_threads
 
     previous_threads = get_num_threads()
     set_num_threads(config.threads)
     try:
-        results = run_experiment(config, out_dir, log=log)
+        results = experiment(config, out_dir, log=log)
     finally:
         set_num_threads(previous_threads)
-    text = summary_text(results)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    text = summarise(results)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(results, f, indent=1)
-    with open(os.path.join(out_dir, "summary.txt"), "w") as f:
+    with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
         f.write(text + "\n")
     if config.plots:
-        from .plots import make_plots
-
-        results["plots"] = [os.path.basename(p) for p in make_plots(results, out_dir)]
+        results["plots"] = [os.path.basename(p) for p in plots(results)]
     return results, text

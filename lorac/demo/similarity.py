@@ -36,7 +36,6 @@ similarity.txt, plus the first repetition's adapters
 (similarity_adapter_*.safetensors) for ``lorac similarity`` to re-check.
 """
 
-import json
 import os
 import statistics
 from dataclasses import asdict
@@ -44,7 +43,7 @@ from dataclasses import asdict
 import numpy as np
 
 from ..checkpoint import load, save
-from ..config import get_num_threads, set_num_threads
+from ..config import get_num_threads
 from ..layers import Linear
 from ..lowrank import subspace_similarity
 from ..utils import lora_state_dict
@@ -65,22 +64,14 @@ def comparison_label(key, small, large):
 
 def run(config, out_dir, log=print):
     """Run the similarity experiment; writes its files to out_dir.  Returns (results dict, summary text)."""
-    previous_threads = get_num_threads()
-    set_num_threads(config.threads)
-    try:
-        results = run_experiment(config, out_dir, log=log)
-    finally:
-        set_num_threads(previous_threads)
-    text = summary_text(results)
-    with open(os.path.join(out_dir, "similarity.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out_dir, "similarity.txt"), "w") as f:
-        f.write(text + "\n")
-    if config.plots:
+    from . import run_and_report
+
+    def plots(results):
         from .plots import similarity_heatmaps
 
-        results["plots"] = [os.path.basename(p) for p in similarity_heatmaps(results, out_dir)]
-    return results, text
+        return similarity_heatmaps(results, out_dir)
+
+    return run_and_report(config, out_dir, "similarity", run_experiment, summary_text, plots, log)
 
 
 def _lora_layers(model):

@@ -75,3 +75,16 @@ class LoRALayer(NamedAdapters):
         elif cache.branch.version != self._adapter_version:
             self._stale_branch()
         return cache
+
+    def _lora_repr(self):
+        """The ", r=..., lora_alpha=..." part of a layer's repr (only what differs from the defaults)."""
+        text = ""
+        if self.r > 0:
+            text += f", r={self.r}, lora_alpha={self.lora_alpha:g}"
+            if self.lora_dropout:
+                text += f", lora_dropout={self.lora_dropout:g}"
+        if getattr(self, "fan_in_fan_out", False):
+            text += ", fan_in_fan_out=True"
+        if self.dtype != "float32":
+            text += f", dtype={self.dtype}"
+        return text

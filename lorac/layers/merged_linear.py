@@ -192,15 +192,7 @@ class MergedLinear(LoRALayer, Module):
     def extra_repr(self):
         text = (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, enable_lora={list(self.enable_lora)}")
-        if self.r > 0:
-            text += f", r={self.r}, lora_alpha={self.lora_alpha:g}"
-            if self.lora_dropout:
-                text += f", lora_dropout={self.lora_dropout:g}"
-        if self.fan_in_fan_out:
-            text += ", fan_in_fan_out=True"
-        if self.dtype != np.float32:
-            text += f", dtype={self.dtype}"
-        return text
+        return text + self._lora_repr()
 
 
 def _checked_enable_lora(enable_lora, out_features):
