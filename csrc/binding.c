@@ -50,6 +50,29 @@ typedef struct {
     ptrdiff_t ld;
 } KArray;
 
+/* Runs kernel name##_f32 or name##_f64, chosen by typenum, with the GIL
+ * released (kernels touch no Python object); the _INTO form stores the
+ * kernel's return value in `result`. */
+#define CALL_KERNEL_INTO(result, typenum, name, ...) \
+    do {                                             \
+        Py_BEGIN_ALLOW_THREADS                       \
+        if ((typenum) == NPY_FLOAT32)                \
+            (result) = name##_f32(__VA_ARGS__);      \
+        else                                         \
+            (result) = name##_f64(__VA_ARGS__);      \
+        Py_END_ALLOW_THREADS                         \
+    } while (0)
+
+#define CALL_KERNEL_VOID(typenum, name, ...) \
+    do {                                     \
+        Py_BEGIN_ALLOW_THREADS               \
+        if ((typenum) == NPY_FLOAT32)        \
+            name##_f32(__VA_ARGS__);         \
+        else                                 \
+            name##_f64(__VA_ARGS__);         \
+        Py_END_ALLOW_THREADS                 \
+    } while (0)
+
 static void karray_release(KArray *k) { Py_CLEAR(k->arr); }
 
 static const char *dtype_name(int typenum)
@@ -446,6 +469,100 @@ static PyObject *new_matrix(int typenum, npy_intp rows, npy_intp cols)
     return PyArray_EMPTY(2, dims, typenum, 0);
 }
 
+/* ---- The gradient side of a Linear-family backward (Linear, MergedLinear,
+ * MoLoRA): grad_output, the forward's u, and the parameter gradients. ---- */
+
+/* The arguments as passed (borrowed; Py_None where absent). */
+typedef struct {
+    PyObject *g, *u, *gw, *gbias, *ga, *gb;
+} GradArgs;
+
+/* The validated arrays: g (N, out), u (N, rows of lora_A), and the gradients
+ * of weight, bias, lora_A, lora_B (arr NULL: frozen, nothing computed). */
+typedef struct {
+    KArray g, u, gw, gbias, ga, gb;
+} GradArrays;
+
+static void grad_arrays_release(GradArrays *ga)
+{
+    karray_release(&ga->g);
+    karray_release(&ga->u);
+    karray_release(&ga->gw);
+    karray_release(&ga->gbias);
+    karray_release(&ga->ga);
+    karray_release(&ga->gb);
+}
+
+/* Shape words for a family member's error messages. */
+typedef struct {
+    const char *u, *lora_a, *lora_b;
+} GradShapeWords;
+
+/* Validates args against the forward operands lin (x, weight) and the
+ * adapter a / b (arr NULL: no adapter, so u and the adapter's gradients must
+ * be None); the gradient of each parameter must have that parameter's shape. */
+static int grad_arrays_parse(const char *func, const LinearOperands *lin, const KArray *a, const KArray *b,
+                             int fan_in_fan_out, const GradShapeWords *words, const GradArgs *args,
+                             GradArrays *out)
+{
+    memset(out, 0, sizeof *out);
+    const int typenum = lin->typenum, lora = a->arr != NULL;
+    npy_intp gshape[2] = {lin->n, lin->out}, bshape[1] = {lin->out};
+    npy_intp wshape[2] = {PyArray_DIMS(lin->w.arr)[0], PyArray_DIMS(lin->w.arr)[1]};
+    if (get_array(func, "grad_output", args->g, typenum, 2, gshape, "(N, out)", IN_ARRAY, &out->g) < 0 ||
+        get_optional_array(func, "grad_weight", args->gw, typenum, 2, wshape,
+                           fan_in_fan_out ? "(in, out)" : "(out, in)", INOUT_ARRAY, &out->gw) < 0 ||
+        get_optional_array(func, "grad_bias", args->gbias, typenum, 1, bshape, "(out,)", INOUT_ARRAY,
+                           &out->gbias) < 0)
+        goto fail;
+    if (!lora) {
+        if (args->ga != Py_None || args->gb != Py_None) {
+            PyErr_Format(PyExc_ValueError, "%s(): grad_lora_A/grad_lora_B given but lora_A/lora_B are None",
+                         func);
+            goto fail;
+        }
+        return 0;
+    }
+    const npy_intp *ad = PyArray_DIMS(a->arr), *bd = PyArray_DIMS(b->arr);
+    npy_intp ushape[2] = {lin->n, ad[0]}, ashape[2] = {ad[0], ad[1]}, lbshape[2] = {bd[0], bd[1]};
+    if (get_array(func, "u", args->u, typenum, 2, ushape, words->u, IN_ARRAY, &out->u) < 0 ||
+        get_optional_array(func, "grad_lora_A", args->ga, typenum, 2, ashape, words->lora_a, INOUT_ARRAY,
+                           &out->ga) < 0 ||
+        get_optional_array(func, "grad_lora_B", args->gb, typenum, 2, lbshape, words->lora_b, INOUT_ARRAY,
+                           &out->gb) < 0)
+        goto fail;
+    return 0;
+fail:
+    grad_arrays_release(out);
+    return -1;
+}
+
+/* resolve_aliasing over a Linear-family backward's arrays: the forward
+ * operands, a / b and the gradient side (grad_* are the in-place outputs). */
+static int grad_arrays_resolve_aliasing(const char *func, LinearOperands *lin, KArray *a, KArray *b,
+                                        GradArrays *ga)
+{
+    AliasArg alias_in[] = {ALIAS_KARRAY("grad_output", ga->g), ALIAS_KARRAY("x", lin->x),
+                           ALIAS_KARRAY("weight", lin->w), ALIAS_KARRAY("lora_A", *a), ALIAS_KARRAY("lora_B", *b),
+                           ALIAS_KARRAY("u", ga->u), ALIAS_KARRAY("mask", lin->mask)};
+    AliasArg alias_out[] = {ALIAS_KARRAY("grad_weight", ga->gw), ALIAS_KARRAY("grad_bias", ga->gbias),
+                            ALIAS_KARRAY("grad_lora_A", ga->ga), ALIAS_KARRAY("grad_lora_B", ga->gb)};
+    return resolve_aliasing(func, alias_in, ALIAS_COUNT(alias_in), alias_out, ALIAS_COUNT(alias_out));
+}
+
+/* The kernels' gradient struct: dx (N, in) into the new array dx (or NULL). */
+static LoraLinearGrads linear_grads_args(const GradArrays *ga, PyObject *dx, npy_intp in)
+{
+    LoraLinearGrads G = {
+        .dx = dx ? PyArray_DATA((PyArrayObject *)dx) : NULL, .lddx = in > 0 ? in : 1,
+        .dw = data_or_null(&ga->gw), .lddw = ga->gw.ld,
+        .dbias = data_or_null(&ga->gbias),
+        .da = data_or_null(&ga->ga), .ldda = ga->ga.ld,
+        .db = data_or_null(&ga->gb), .lddb = ga->gb.ld,
+    };
+    return G;
+}
+
 PyDoc_STRVAR(linear_forward_doc,
 "linear_forward(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, mask, keep_scale)\n"
 "-> (y, u)\n\n"
@@ -479,12 +596,8 @@ static PyObject *py_linear_forward(PyObject *self, PyObject *args, PyObject *kwa
     void *u_data = op.a.arr ? PyArray_DATA((PyArrayObject *)u) : NULL;
     ptrdiff_t ldu = op.r > 0 ? op.r : 1, ldy = op.out > 0 ? op.out : 1;
     int status;
-    Py_BEGIN_ALLOW_THREADS
-    if (op.typenum == NPY_FLOAT32)
-        status = lorac_linear_forward_f32(&L, u_data, ldu, PyArray_DATA((PyArrayObject *)y), ldy);
-    else
-        status = lorac_linear_forward_f64(&L, u_data, ldu, PyArray_DATA((PyArrayObject *)y), ldy);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_INTO(status, op.typenum, lorac_linear_forward, &L, u_data, ldu, PyArray_DATA((PyArrayObject *)y),
+                     ldy);
     if (status != 0) {
         PyErr_NoMemory();
         goto fail;
@@ -513,83 +626,49 @@ static PyObject *py_linear_backward(PyObject *self, PyObject *args, PyObject *kw
     static char *kwlist[] = {"grad_output", "x", "weight", "lora_A", "lora_B", "u", "scaling",
                              "fan_in_fan_out", "mask", "keep_scale", "need_input_grad", "grad_weight",
                              "grad_bias", "grad_lora_A", "grad_lora_B", NULL};
-    PyObject *g_obj, *x, *weight, *lora_a, *lora_b, *u_obj, *mask = Py_None;
-    PyObject *gw_obj = Py_None, *gbias_obj = Py_None, *ga_obj = Py_None, *gb_obj = Py_None;
+    PyObject *x, *weight, *lora_a, *lora_b, *mask = Py_None;
+    GradArgs grad_args = {.gw = Py_None, .gbias = Py_None, .ga = Py_None, .gb = Py_None};
     double scaling, keep_scale = 1.0;
     int fan_in_fan_out, need_input_grad = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOdp|OdpOOOO:linear_backward", kwlist, &g_obj, &x,
-                                     &weight, &lora_a, &lora_b, &u_obj, &scaling, &fan_in_fan_out, &mask,
-                                     &keep_scale, &need_input_grad, &gw_obj, &gbias_obj, &ga_obj, &gb_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOdp|OdpOOOO:linear_backward", kwlist, &grad_args.g, &x,
+                                     &weight, &lora_a, &lora_b, &grad_args.u, &scaling, &fan_in_fan_out, &mask,
+                                     &keep_scale, &need_input_grad, &grad_args.gw, &grad_args.gbias,
+                                     &grad_args.ga, &grad_args.gb))
         return NULL;
     if (check_finite(func, "scaling", scaling) < 0 || check_finite(func, "keep_scale", keep_scale) < 0)
         return NULL;
     LinearOperands op;
     if (linear_operands_parse(func, x, weight, Py_None, lora_a, lora_b, mask, fan_in_fan_out, &op) < 0)
         return NULL;
-    KArray g = {0}, u = {0}, gw = {0}, gbias = {0}, ga = {0}, gbb = {0};
+    static const GradShapeWords words = {"(N, r)", "(r, in)", "(out, r)"};
+    GradArrays ga;
     PyObject *dx = NULL;
-    const int lora = op.a.arr != NULL;
-    npy_intp gshape[2] = {op.n, op.out}, ushape[2] = {op.n, op.r};
-    npy_intp bshape[1] = {op.out}, ashape[2] = {op.r, op.in}, lbshape[2] = {op.out, op.r};
-    npy_intp wshape[2] = {PyArray_DIMS(op.w.arr)[0], PyArray_DIMS(op.w.arr)[1]};
-    if (get_array(func, "grad_output", g_obj, op.typenum, 2, gshape, "(N, out)", IN_ARRAY, &g) < 0)
-        goto fail;
-    if (lora && get_array(func, "u", u_obj, op.typenum, 2, ushape, "(N, r)", IN_ARRAY, &u) < 0)
-        goto fail;
-    if (get_optional_array(func, "grad_weight", gw_obj, op.typenum, 2, wshape,
-                           fan_in_fan_out ? "(in, out)" : "(out, in)", INOUT_ARRAY, &gw) < 0 ||
-        get_optional_array(func, "grad_bias", gbias_obj, op.typenum, 1, bshape, "(out,)", INOUT_ARRAY,
-                           &gbias) < 0)
-        goto fail;
-    if (lora && (get_optional_array(func, "grad_lora_A", ga_obj, op.typenum, 2, ashape, "(r, in)",
-                                    INOUT_ARRAY, &ga) < 0 ||
-                 get_optional_array(func, "grad_lora_B", gb_obj, op.typenum, 2, lbshape, "(out, r)",
-                                    INOUT_ARRAY, &gbb) < 0))
-        goto fail;
-    if (!lora && (ga_obj != Py_None || gb_obj != Py_None)) {
-        PyErr_Format(PyExc_ValueError, "%s(): grad_lora_A/grad_lora_B given but lora_A/lora_B are None", func);
-        goto fail;
+    if (grad_arrays_parse(func, &op, &op.a, &op.b, fan_in_fan_out, &words, &grad_args, &ga) < 0) {
+        linear_operands_release(&op);
+        return NULL;
     }
-    AliasArg alias_in[] = {ALIAS_KARRAY("grad_output", g), ALIAS_KARRAY("x", op.x), ALIAS_KARRAY("weight", op.w),
-                           ALIAS_KARRAY("lora_A", op.a), ALIAS_KARRAY("lora_B", op.b), ALIAS_KARRAY("u", u),
-                           ALIAS_KARRAY("mask", op.mask)};
-    AliasArg alias_out[] = {ALIAS_KARRAY("grad_weight", gw), ALIAS_KARRAY("grad_bias", gbias),
-                            ALIAS_KARRAY("grad_lora_A", ga), ALIAS_KARRAY("grad_lora_B", gbb)};
-    if (resolve_aliasing(func, alias_in, ALIAS_COUNT(alias_in), alias_out, ALIAS_COUNT(alias_out)) < 0)
+    if (grad_arrays_resolve_aliasing(func, &op, &op.a, &op.b, &ga) < 0)
         goto fail;
     if (need_input_grad && !(dx = new_matrix(op.typenum, op.n, op.in)))
         goto fail;
 
     LoraLinear L = linear_kernel_args(&op, fan_in_fan_out, scaling, keep_scale);
-    LoraLinearGrads G = {
-        .dx = dx ? PyArray_DATA((PyArrayObject *)dx) : NULL, .lddx = op.in > 0 ? op.in : 1,
-        .dw = data_or_null(&gw), .lddw = gw.ld,
-        .dbias = data_or_null(&gbias),
-        .da = data_or_null(&ga), .ldda = ga.ld,
-        .db = data_or_null(&gbb), .lddb = gbb.ld,
-    };
-    const void *u_data = data_or_null(&u);
+    LoraLinearGrads G = linear_grads_args(&ga, dx, op.in);
+    const void *u_data = data_or_null(&ga.u), *g_data = data_or_null(&ga.g);
     int status;
-    Py_BEGIN_ALLOW_THREADS
-    if (op.typenum == NPY_FLOAT32)
-        status = lorac_linear_backward_f32(&L, u_data, u.ld, data_or_null(&g), g.ld, &G);
-    else
-        status = lorac_linear_backward_f64(&L, u_data, u.ld, data_or_null(&g), g.ld, &G);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_INTO(status, op.typenum, lorac_linear_backward, &L, u_data, ga.u.ld, g_data, ga.g.ld, &G);
     if (status != 0) {
         PyErr_NoMemory();
         goto fail;
     }
-    karray_release(&g), karray_release(&u), karray_release(&gw), karray_release(&gbias);
-    karray_release(&ga), karray_release(&gbb);
+    grad_arrays_release(&ga);
     linear_operands_release(&op);
     if (!dx)
         Py_RETURN_NONE;
     return dx;
 fail:
     Py_XDECREF(dx);
-    karray_release(&g), karray_release(&u), karray_release(&gw), karray_release(&gbias);
-    karray_release(&ga), karray_release(&gbb);
+    grad_arrays_release(&ga);
     linear_operands_release(&op);
     return NULL;
 }
@@ -631,14 +710,8 @@ static PyObject *py_linear_merge(PyObject *self, PyObject *args, PyObject *kwarg
     AliasArg alias_out[] = {ALIAS_KARRAY("weight", w)};
     if (resolve_aliasing(func, alias_in, ALIAS_COUNT(alias_in), alias_out, ALIAS_COUNT(alias_out)) < 0)
         goto fail;
-    Py_BEGIN_ALLOW_THREADS
-    if (typenum == NPY_FLOAT32)
-        lorac_linear_merge_f32(out, in, r, fan_in_fan_out, alpha, PyArray_DATA(a.arr), a.ld,
-                               PyArray_DATA(b.arr), b.ld, PyArray_DATA(w.arr), w.ld);
-    else
-        lorac_linear_merge_f64(out, in, r, fan_in_fan_out, alpha, PyArray_DATA(a.arr), a.ld,
-                               PyArray_DATA(b.arr), b.ld, PyArray_DATA(w.arr), w.ld);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_VOID(typenum, lorac_linear_merge, out, in, r, fan_in_fan_out, alpha, PyArray_DATA(a.arr), a.ld,
+                     PyArray_DATA(b.arr), b.ld, PyArray_DATA(w.arr), w.ld);
     karray_release(&w), karray_release(&a), karray_release(&b);
     Py_RETURN_NONE;
 fail:
@@ -743,12 +816,8 @@ static PyObject *py_sgd_step(PyObject *self, PyObject *args, PyObject *kwargs)
         goto fail;
     SgdHyper h = {.lr = lr, .momentum = momentum, .dampening = dampening, .weight_decay = weight_decay,
                   .nesterov = nesterov, .maximize = maximize, .init_buffer = init_buffer};
-    Py_BEGIN_ALLOW_THREADS
-    if (typenum == NPY_FLOAT32)
-        lorac_sgd_step_f32(shape[0], PyArray_DATA(p.arr), data_or_null(&g), data_or_null(&buf), &h);
-    else
-        lorac_sgd_step_f64(shape[0], PyArray_DATA(p.arr), data_or_null(&g), data_or_null(&buf), &h);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_VOID(typenum, lorac_sgd_step, shape[0], PyArray_DATA(p.arr), data_or_null(&g), data_or_null(&buf),
+                     &h);
     karray_release(&p), karray_release(&g), karray_release(&buf);
     Py_RETURN_NONE;
 fail:
@@ -811,14 +880,8 @@ static PyObject *py_adam_step(PyObject *self, PyObject *args, PyObject *kwargs)
         goto fail;
     AdamHyper h = {.lr = lr, .beta1 = beta1, .beta2 = beta2, .eps = eps, .weight_decay = weight_decay,
                    .step = (int64_t)step, .decoupled = decoupled, .amsgrad = amsgrad, .maximize = maximize};
-    Py_BEGIN_ALLOW_THREADS
-    if (typenum == NPY_FLOAT32)
-        lorac_adam_step_f32(shape[0], PyArray_DATA(p.arr), data_or_null(&g), PyArray_DATA(m.arr),
-                            PyArray_DATA(v.arr), data_or_null(&vmax), &h);
-    else
-        lorac_adam_step_f64(shape[0], PyArray_DATA(p.arr), data_or_null(&g), PyArray_DATA(m.arr),
-                            PyArray_DATA(v.arr), data_or_null(&vmax), &h);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_VOID(typenum, lorac_adam_step, shape[0], PyArray_DATA(p.arr), data_or_null(&g),
+                     PyArray_DATA(m.arr), PyArray_DATA(v.arr), data_or_null(&vmax), &h);
     karray_release(&p), karray_release(&g), karray_release(&m), karray_release(&v), karray_release(&vmax);
     Py_RETURN_NONE;
 fail:
@@ -904,14 +967,8 @@ static PyObject *py_cross_entropy_forward(PyObject *self, PyObject *args, PyObje
     const void *x = PyArray_DATA(op.logits.arr);
     const int64_t *t = PyArray_DATA(op.target.arr);
     void *loss_data = PyArray_DATA((PyArrayObject *)loss), *lse_data = PyArray_DATA((PyArrayObject *)lse);
-    Py_BEGIN_ALLOW_THREADS
-    if (op.typenum == NPY_FLOAT32)
-        count = lorac_cross_entropy_forward_f32(op.n, op.c, x, op.logits.ld, t, ignore_index, loss_data,
-                                                lse_data, &total);
-    else
-        count = lorac_cross_entropy_forward_f64(op.n, op.c, x, op.logits.ld, t, ignore_index, loss_data,
-                                                lse_data, &total);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_INTO(count, op.typenum, lorac_cross_entropy_forward, op.n, op.c, x, op.logits.ld, t, ignore_index,
+                     loss_data, lse_data, &total);
     if (count < 0) { /* cannot happen: check_targets ran first */
         PyErr_Format(PyExc_ValueError, "%s(): target out of range at position %lld", func,
                      (long long)(-count - 1));
@@ -959,14 +1016,8 @@ static PyObject *py_cross_entropy_backward(PyObject *self, PyObject *args, PyObj
     const void *x = PyArray_DATA(op.logits.arr), *lse_data = PyArray_DATA(lse.arr), *g = data_or_null(&grad);
     const int64_t *t = PyArray_DATA(op.target.arr);
     void *out = PyArray_DATA((PyArrayObject *)dlogits);
-    Py_BEGIN_ALLOW_THREADS
-    if (op.typenum == NPY_FLOAT32)
-        lorac_cross_entropy_backward_f32(op.n, op.c, x, op.logits.ld, t, ignore_index, lse_data, scale, g,
-                                         out, ldd);
-    else
-        lorac_cross_entropy_backward_f64(op.n, op.c, x, op.logits.ld, t, ignore_index, lse_data, scale, g,
-                                         out, ldd);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_VOID(op.typenum, lorac_cross_entropy_backward, op.n, op.c, x, op.logits.ld, t, ignore_index,
+                     lse_data, scale, g, out, ldd);
     karray_release(&lse), karray_release(&grad);
     ce_operands_release(&op);
     return dlogits;
@@ -1019,12 +1070,7 @@ static PyObject *py_mse_forward(PyObject *self, PyObject *args, PyObject *kwargs
     }
     void *out = elementwise ? PyArray_DATA((PyArrayObject *)squares) : NULL;
     double total;
-    Py_BEGIN_ALLOW_THREADS
-    if (typenum == NPY_FLOAT32)
-        total = lorac_mse_forward_f32(n, PyArray_DATA(p.arr), PyArray_DATA(t.arr), out);
-    else
-        total = lorac_mse_forward_f64(n, PyArray_DATA(p.arr), PyArray_DATA(t.arr), out);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_INTO(total, typenum, lorac_mse_forward, n, PyArray_DATA(p.arr), PyArray_DATA(t.arr), out);
     karray_release(&p), karray_release(&t);
     return Py_BuildValue("(dN)", total, squares);
 }
@@ -1056,12 +1102,8 @@ static PyObject *py_mse_backward(PyObject *self, PyObject *args, PyObject *kwarg
         goto done;
     const void *g = data_or_null(&grad);
     void *out = PyArray_DATA((PyArrayObject *)dpred);
-    Py_BEGIN_ALLOW_THREADS
-    if (typenum == NPY_FLOAT32)
-        lorac_mse_backward_f32(shape[0], PyArray_DATA(p.arr), PyArray_DATA(t.arr), scale, g, out);
-    else
-        lorac_mse_backward_f64(shape[0], PyArray_DATA(p.arr), PyArray_DATA(t.arr), scale, g, out);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_VOID(typenum, lorac_mse_backward, shape[0], PyArray_DATA(p.arr), PyArray_DATA(t.arr), scale, g,
+                     out);
 done:
     karray_release(&p), karray_release(&t), karray_release(&grad);
     return dpred;
@@ -1114,12 +1156,7 @@ static PyObject *py_activation_forward(PyObject *self, PyObject *args, PyObject 
     if (y) {
         const void *xd = PyArray_DATA(x.arr);
         void *yd = PyArray_DATA((PyArrayObject *)y);
-        Py_BEGIN_ALLOW_THREADS
-        if (typenum == NPY_FLOAT32)
-            lorac_activation_forward_f32(kind, shape[0], xd, yd);
-        else
-            lorac_activation_forward_f64(kind, shape[0], xd, yd);
-        Py_END_ALLOW_THREADS
+        CALL_KERNEL_VOID(typenum, lorac_activation_forward, kind, shape[0], xd, yd);
     }
     karray_release(&x);
     return y;
@@ -1154,12 +1191,7 @@ static PyObject *py_activation_backward(PyObject *self, PyObject *args, PyObject
         goto done;
     const void *sd = PyArray_DATA(saved.arr), *gd = PyArray_DATA(g.arr);
     void *out = PyArray_DATA((PyArrayObject *)dx);
-    Py_BEGIN_ALLOW_THREADS
-    if (typenum == NPY_FLOAT32)
-        lorac_activation_backward_f32(kind, shape[0], sd, gd, out);
-    else
-        lorac_activation_backward_f64(kind, shape[0], sd, gd, out);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_VOID(typenum, lorac_activation_backward, kind, shape[0], sd, gd, out);
 done:
     karray_release(&saved), karray_release(&g);
     return dx;
@@ -1200,12 +1232,7 @@ static PyObject *py_layernorm_forward(PyObject *self, PyObject *args, PyObject *
     void *yd = PyArray_DATA((PyArrayObject *)y), *md = PyArray_DATA((PyArrayObject *)mean);
     void *rd = PyArray_DATA((PyArrayObject *)rstd);
     const ptrdiff_t ldy = d > 0 ? d : 1;
-    Py_BEGIN_ALLOW_THREADS
-    if (typenum == NPY_FLOAT32)
-        lorac_layernorm_forward_f32(n, d, eps, xd, x.ld, wd, bd, yd, ldy, md, rd);
-    else
-        lorac_layernorm_forward_f64(n, d, eps, xd, x.ld, wd, bd, yd, ldy, md, rd);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_VOID(typenum, lorac_layernorm_forward, n, d, eps, xd, x.ld, wd, bd, yd, ldy, md, rd);
     karray_release(&x), karray_release(&w), karray_release(&b);
     return Py_BuildValue("(NNN)", y, mean, rstd);
 fail:
@@ -1258,12 +1285,8 @@ static PyObject *py_layernorm_backward(PyObject *self, PyObject *args, PyObject 
     void *dxd = dx ? PyArray_DATA((PyArrayObject *)dx) : NULL, *gwd = data_or_null(&gw), *gbd = data_or_null(&gb);
     const ptrdiff_t lddx = d > 0 ? d : 1;
     int status;
-    Py_BEGIN_ALLOW_THREADS
-    if (typenum == NPY_FLOAT32)
-        status = lorac_layernorm_backward_f32(n, d, gd, g.ld, xd, x.ld, wd, md, rd, dxd, lddx, gwd, gbd);
-    else
-        status = lorac_layernorm_backward_f64(n, d, gd, g.ld, xd, x.ld, wd, md, rd, dxd, lddx, gwd, gbd);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_INTO(status, typenum, lorac_layernorm_backward, n, d, gd, g.ld, xd, x.ld, wd, md, rd, dxd, lddx,
+                     gwd, gbd);
     if (status != 0) {
         PyErr_NoMemory();
         Py_CLEAR(dx);
@@ -1443,12 +1466,7 @@ static PyObject *py_embedding_forward(PyObject *self, PyObject *args, PyObject *
     LoraEmbedding E = embedding_kernel_args(&op, scaling, -1);
     void *u_data = op.a.arr ? PyArray_DATA((PyArrayObject *)u) : NULL;
     ptrdiff_t ldu = op.r > 0 ? op.r : 1, ldy = op.dim > 0 ? op.dim : 1;
-    Py_BEGIN_ALLOW_THREADS
-    if (op.typenum == NPY_FLOAT32)
-        lorac_embedding_forward_f32(&E, u_data, ldu, PyArray_DATA((PyArrayObject *)y), ldy);
-    else
-        lorac_embedding_forward_f64(&E, u_data, ldu, PyArray_DATA((PyArrayObject *)y), ldy);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_VOID(op.typenum, lorac_embedding_forward, &E, u_data, ldu, PyArray_DATA((PyArrayObject *)y), ldy);
     embedding_operands_release(&op);
     return Py_BuildValue("(NN)", y, u);
 }
@@ -1542,12 +1560,7 @@ static PyObject *py_embedding_backward(PyObject *self, PyObject *args, PyObject 
     };
     const void *u_data = data_or_null(&u);
     int status;
-    Py_BEGIN_ALLOW_THREADS
-    if (op.typenum == NPY_FLOAT32)
-        status = lorac_embedding_backward_f32(&E, u_data, u.ld, data_or_null(&g), g.ld, &G);
-    else
-        status = lorac_embedding_backward_f64(&E, u_data, u.ld, data_or_null(&g), g.ld, &G);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_INTO(status, op.typenum, lorac_embedding_backward, &E, u_data, u.ld, data_or_null(&g), g.ld, &G);
     if (status != 0) {
         PyErr_NoMemory();
         goto fail;
@@ -1740,12 +1753,8 @@ static PyObject *py_merged_linear_forward(PyObject *self, PyObject *args, PyObje
     void *u_data = op.a.arr ? PyArray_DATA((PyArrayObject *)u) : NULL;
     ptrdiff_t ldu = rank > 0 ? rank : 1, ldy = op.lin.out > 0 ? op.lin.out : 1;
     int status;
-    Py_BEGIN_ALLOW_THREADS
-    if (typenum == NPY_FLOAT32)
-        status = lorac_merged_linear_forward_f32(&M, u_data, ldu, PyArray_DATA((PyArrayObject *)y), ldy);
-    else
-        status = lorac_merged_linear_forward_f64(&M, u_data, ldu, PyArray_DATA((PyArrayObject *)y), ldy);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_INTO(status, typenum, lorac_merged_linear_forward, &M, u_data, ldu,
+                     PyArray_DATA((PyArrayObject *)y), ldy);
     if (status != 0) {
         PyErr_NoMemory();
         goto fail;
@@ -1774,14 +1783,14 @@ static PyObject *py_merged_linear_backward(PyObject *self, PyObject *args, PyObj
     static char *kwlist[] = {"grad_output", "x", "weight", "lora_A", "lora_B", "u", "enable_lora", "scaling",
                              "fan_in_fan_out", "mask", "keep_scale", "need_input_grad", "grad_weight",
                              "grad_bias", "grad_lora_A", "grad_lora_B", NULL};
-    PyObject *g_obj, *x, *weight, *lora_a, *lora_b, *u_obj, *enable_lora, *mask = Py_None;
-    PyObject *gw_obj = Py_None, *gbias_obj = Py_None, *ga_obj = Py_None, *gb_obj = Py_None;
+    PyObject *x, *weight, *lora_a, *lora_b, *enable_lora, *mask = Py_None;
+    GradArgs grad_args = {.gw = Py_None, .gbias = Py_None, .ga = Py_None, .gb = Py_None};
     double scaling, keep_scale = 1.0;
     int fan_in_fan_out, need_input_grad = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOdp|OdpOOOO:merged_linear_backward", kwlist, &g_obj,
-                                     &x, &weight, &lora_a, &lora_b, &u_obj, &enable_lora, &scaling,
-                                     &fan_in_fan_out, &mask, &keep_scale, &need_input_grad, &gw_obj,
-                                     &gbias_obj, &ga_obj, &gb_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOdp|OdpOOOO:merged_linear_backward", kwlist,
+                                     &grad_args.g, &x, &weight, &lora_a, &lora_b, &grad_args.u, &enable_lora,
+                                     &scaling, &fan_in_fan_out, &mask, &keep_scale, &need_input_grad,
+                                     &grad_args.gw, &grad_args.gbias, &grad_args.ga, &grad_args.gb))
         return NULL;
     if (check_finite(func, "scaling", scaling) < 0 || check_finite(func, "keep_scale", keep_scale) < 0)
         return NULL;
@@ -1789,73 +1798,37 @@ static PyObject *py_merged_linear_backward(PyObject *self, PyObject *args, PyObj
     if (merged_operands_parse(func, x, weight, Py_None, lora_a, lora_b, enable_lora, mask, fan_in_fan_out,
                               &op) < 0)
         return NULL;
+    static const GradShapeWords words = {"(N, r * n_enabled)", "(r * n_enabled, in)",
+                                         "(out / len(enable_lora) * n_enabled, r)"};
     const LinearOperands *lin = &op.lin;
-    const int typenum = lin->typenum, lora = op.a.arr != NULL;
-    KArray g = {0}, u = {0}, gw = {0}, gbias = {0}, ga = {0}, gbb = {0};
+    GradArrays ga;
     PyObject *dx = NULL;
-    npy_intp gshape[2] = {lin->n, lin->out}, ushape[2] = {lin->n, op.r * op.n_enabled};
-    npy_intp bshape[1] = {lin->out};
-    npy_intp wshape[2] = {PyArray_DIMS(lin->w.arr)[0], PyArray_DIMS(lin->w.arr)[1]};
-    if (get_array(func, "grad_output", g_obj, typenum, 2, gshape, "(N, out)", IN_ARRAY, &g) < 0)
-        goto fail;
-    if (lora && get_array(func, "u", u_obj, typenum, 2, ushape, "(N, r * n_enabled)", IN_ARRAY, &u) < 0)
-        goto fail;
-    if (get_optional_array(func, "grad_weight", gw_obj, typenum, 2, wshape,
-                           fan_in_fan_out ? "(in, out)" : "(out, in)", INOUT_ARRAY, &gw) < 0 ||
-        get_optional_array(func, "grad_bias", gbias_obj, typenum, 1, bshape, "(out,)", INOUT_ARRAY, &gbias) < 0)
-        goto fail;
-    if (lora) {
-        npy_intp ashape[2] = {PyArray_DIMS(op.a.arr)[0], PyArray_DIMS(op.a.arr)[1]};
-        npy_intp lbshape[2] = {PyArray_DIMS(op.b.arr)[0], PyArray_DIMS(op.b.arr)[1]};
-        if (get_optional_array(func, "grad_lora_A", ga_obj, typenum, 2, ashape, "(r * n_enabled, in)",
-                               INOUT_ARRAY, &ga) < 0 ||
-            get_optional_array(func, "grad_lora_B", gb_obj, typenum, 2, lbshape,
-                               "(out / len(enable_lora) * n_enabled, r)", INOUT_ARRAY, &gbb) < 0)
-            goto fail;
-    } else if (ga_obj != Py_None || gb_obj != Py_None) {
-        PyErr_Format(PyExc_ValueError, "%s(): grad_lora_A/grad_lora_B given but lora_A/lora_B are None", func);
-        goto fail;
+    if (grad_arrays_parse(func, lin, &op.a, &op.b, fan_in_fan_out, &words, &grad_args, &ga) < 0) {
+        merged_operands_release(&op);
+        return NULL;
     }
-    AliasArg alias_in[] = {ALIAS_KARRAY("grad_output", g), ALIAS_KARRAY("x", op.lin.x),
-                           ALIAS_KARRAY("weight", op.lin.w), ALIAS_KARRAY("lora_A", op.a), ALIAS_KARRAY("lora_B", op.b),
-                           ALIAS_KARRAY("u", u), ALIAS_KARRAY("mask", op.lin.mask)};
-    AliasArg alias_out[] = {ALIAS_KARRAY("grad_weight", gw), ALIAS_KARRAY("grad_bias", gbias),
-                            ALIAS_KARRAY("grad_lora_A", ga), ALIAS_KARRAY("grad_lora_B", gbb)};
-    if (resolve_aliasing(func, alias_in, ALIAS_COUNT(alias_in), alias_out, ALIAS_COUNT(alias_out)) < 0)
+    if (grad_arrays_resolve_aliasing(func, &op.lin, &op.a, &op.b, &ga) < 0)
         goto fail;
-    if (need_input_grad && !(dx = new_matrix(typenum, lin->n, lin->in)))
+    if (need_input_grad && !(dx = new_matrix(lin->typenum, lin->n, lin->in)))
         goto fail;
 
     LoraMergedLinear M = merged_kernel_args(&op, fan_in_fan_out, scaling, keep_scale);
-    LoraLinearGrads G = {
-        .dx = dx ? PyArray_DATA((PyArrayObject *)dx) : NULL, .lddx = lin->in > 0 ? lin->in : 1,
-        .dw = data_or_null(&gw), .lddw = gw.ld,
-        .dbias = data_or_null(&gbias),
-        .da = data_or_null(&ga), .ldda = ga.ld,
-        .db = data_or_null(&gbb), .lddb = gbb.ld,
-    };
-    const void *u_data = data_or_null(&u);
+    LoraLinearGrads G = linear_grads_args(&ga, dx, lin->in);
+    const void *u_data = data_or_null(&ga.u), *g_data = data_or_null(&ga.g);
     int status;
-    Py_BEGIN_ALLOW_THREADS
-    if (typenum == NPY_FLOAT32)
-        status = lorac_merged_linear_backward_f32(&M, u_data, u.ld, data_or_null(&g), g.ld, &G);
-    else
-        status = lorac_merged_linear_backward_f64(&M, u_data, u.ld, data_or_null(&g), g.ld, &G);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_INTO(status, lin->typenum, lorac_merged_linear_backward, &M, u_data, ga.u.ld, g_data, ga.g.ld, &G);
     if (status != 0) {
         PyErr_NoMemory();
         goto fail;
     }
-    karray_release(&g), karray_release(&u), karray_release(&gw), karray_release(&gbias);
-    karray_release(&ga), karray_release(&gbb);
+    grad_arrays_release(&ga);
     merged_operands_release(&op);
     if (!dx)
         Py_RETURN_NONE;
     return dx;
 fail:
     Py_XDECREF(dx);
-    karray_release(&g), karray_release(&u), karray_release(&gw), karray_release(&gbias);
-    karray_release(&ga), karray_release(&gbb);
+    grad_arrays_release(&ga);
     merged_operands_release(&op);
     return NULL;
 }
@@ -1909,12 +1882,7 @@ static PyObject *py_merged_linear_merge(PyObject *self, PyObject *args, PyObject
         return NULL;
     }
     LoraMergedLinear M = merged_kernel_args(&op, fan_in_fan_out, 0.0, 1.0);
-    Py_BEGIN_ALLOW_THREADS
-    if (typenum == NPY_FLOAT32)
-        lorac_merged_linear_merge_f32(&M, alpha, PyArray_DATA(w.arr), w.ld);
-    else
-        lorac_merged_linear_merge_f64(&M, alpha, PyArray_DATA(w.arr), w.ld);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_VOID(typenum, lorac_merged_linear_merge, &M, alpha, PyArray_DATA(w.arr), w.ld);
     karray_release(&w);
     merged_operands_release(&op);
     Py_RETURN_NONE;
@@ -2153,12 +2121,7 @@ static PyObject *py_multi_linear_forward(PyObject *self, PyObject *args, PyObjec
     };
     ptrdiff_t ldy = lin->out > 0 ? lin->out : 1;
     int status;
-    Py_BEGIN_ALLOW_THREADS
-    if (lin->typenum == NPY_FLOAT32)
-        status = lorac_multi_linear_forward_f32(&M, PyArray_DATA((PyArrayObject *)y), ldy);
-    else
-        status = lorac_multi_linear_forward_f64(&M, PyArray_DATA((PyArrayObject *)y), ldy);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_INTO(status, lin->typenum, lorac_multi_linear_forward, &M, PyArray_DATA((PyArrayObject *)y), ldy);
     if (status != 0) {
         PyErr_NoMemory();
         goto fail;
@@ -2211,12 +2174,7 @@ static PyObject *py_multi_embedding_forward(PyObject *self, PyObject *args, PyOb
     };
     ptrdiff_t ldy = op.dim > 0 ? op.dim : 1;
     int status;
-    Py_BEGIN_ALLOW_THREADS
-    if (op.typenum == NPY_FLOAT32)
-        status = lorac_multi_embedding_forward_f32(&M, PyArray_DATA((PyArrayObject *)y), ldy);
-    else
-        status = lorac_multi_embedding_forward_f64(&M, PyArray_DATA((PyArrayObject *)y), ldy);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_INTO(status, op.typenum, lorac_multi_embedding_forward, &M, PyArray_DATA((PyArrayObject *)y), ldy);
     if (status != 0) {
         PyErr_NoMemory();
         goto fail;
@@ -2335,12 +2293,7 @@ static PyObject *py_molora_forward(PyObject *self, PyObject *args, PyObject *kwa
         ptrdiff_t ldy = lin->out > 0 ? lin->out : 1;
         void *yd = PyArray_DATA((PyArrayObject *)y), *ud = PyArray_DATA((PyArrayObject *)u);
         void *pd = PyArray_DATA((PyArrayObject *)probs), *gd = PyArray_DATA((PyArrayObject *)gates);
-        Py_BEGIN_ALLOW_THREADS
-        if (lin->typenum == NPY_FLOAT32)
-            status = lorac_moe_forward_f32(&L, ud, pd, gd, yd, ldy);
-        else
-            status = lorac_moe_forward_f64(&L, ud, pd, gd, yd, ldy);
-        Py_END_ALLOW_THREADS
+        CALL_KERNEL_INTO(status, lin->typenum, lorac_moe_forward, &L, ud, pd, gd, yd, ldy);
         if (status != 0)
             PyErr_NoMemory();
     }
@@ -2372,53 +2325,51 @@ static PyObject *py_molora_backward(PyObject *self, PyObject *args, PyObject *kw
     static char *kwlist[] = {"grad_output", "x", "weight", "lora_A", "lora_B", "lora_router", "u", "probs",
                              "gates", "scaling", "top_k", "mask", "keep_scale", "aux", "need_input_grad",
                              "grad_weight", "grad_bias", "grad_lora_A", "grad_lora_B", "grad_lora_router", NULL};
-    PyObject *g_obj, *x, *weight, *lora_a, *lora_b, *router, *u_obj, *p_obj, *gt_obj, *mask = Py_None;
-    PyObject *aux_obj = Py_None, *gw_obj = Py_None, *gbias_obj = Py_None, *ga_obj = Py_None, *gb_obj = Py_None;
-    PyObject *gr_obj = Py_None;
+    PyObject *x, *weight, *lora_a, *lora_b, *router, *p_obj, *gt_obj, *mask = Py_None;
+    PyObject *aux_obj = Py_None, *gr_obj = Py_None;
+    GradArgs grad_args = {.gw = Py_None, .gbias = Py_None, .ga = Py_None, .gb = Py_None};
     double scaling, keep_scale = 1.0;
     long long top_k;
     int need_input_grad = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOdL|OdOpOOOOO:molora_backward", kwlist, &g_obj, &x,
-                                     &weight, &lora_a, &lora_b, &router, &u_obj, &p_obj, &gt_obj, &scaling, &top_k,
-                                     &mask, &keep_scale, &aux_obj, &need_input_grad, &gw_obj, &gbias_obj, &ga_obj,
-                                     &gb_obj, &gr_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOdL|OdOpOOOOO:molora_backward", kwlist, &grad_args.g,
+                                     &x, &weight, &lora_a, &lora_b, &router, &grad_args.u, &p_obj, &gt_obj,
+                                     &scaling, &top_k, &mask, &keep_scale, &aux_obj, &need_input_grad,
+                                     &grad_args.gw, &grad_args.gbias, &grad_args.ga, &grad_args.gb, &gr_obj))
         return NULL;
     if (check_finite(func, "scaling", scaling) < 0 || check_finite(func, "keep_scale", keep_scale) < 0)
         return NULL;
     MoeOperands op;
     if (moe_operands_parse(func, x, weight, Py_None, lora_a, lora_b, router, top_k, mask, &op) < 0)
         return NULL;
-    const LinearOperands *lin = &op.lin;
+    static const GradShapeWords words = {"(N, r)", "(r, in)", "(out, r)"};
+    LinearOperands *lin = &op.lin;
     const int typenum = lin->typenum;
-    KArray g = {0}, u = {0}, probs = {0}, gates = {0}, aux = {0};
-    KArray gw = {0}, gbias = {0}, ga = {0}, gbb = {0}, gr = {0};
+    GradArrays ga;
+    KArray probs = {0}, gates = {0}, aux = {0}, gr = {0};
     PyObject *dx = NULL;
-    npy_intp gshape[2] = {lin->n, lin->out}, ushape[2] = {lin->n, lin->r}, pshape[2] = {lin->n, op.experts};
-    npy_intp auxshape[1] = {op.experts}, wshape[2] = {lin->out, lin->in}, bshape[1] = {lin->out};
-    npy_intp ashape[2] = {lin->r, lin->in}, lbshape[2] = {lin->out, lin->r}, rshape[2] = {op.experts, lin->in};
-    if (get_array(func, "grad_output", g_obj, typenum, 2, gshape, "(N, out)", IN_ARRAY, &g) < 0 ||
-        get_array(func, "u", u_obj, typenum, 2, ushape, "(N, r)", IN_ARRAY, &u) < 0 ||
-        get_array(func, "probs", p_obj, typenum, 2, pshape, "(N, num_experts)", IN_ARRAY, &probs) < 0 ||
+    if (grad_arrays_parse(func, lin, &lin->a, &lin->b, 0, &words, &grad_args, &ga) < 0) {
+        moe_operands_release(&op);
+        return NULL;
+    }
+    npy_intp pshape[2] = {lin->n, op.experts}, auxshape[1] = {op.experts}, rshape[2] = {op.experts, lin->in};
+    if (get_array(func, "probs", p_obj, typenum, 2, pshape, "(N, num_experts)", IN_ARRAY, &probs) < 0 ||
         get_array(func, "gates", gt_obj, typenum, 2, pshape, "(N, num_experts)", IN_ARRAY, &gates) < 0 ||
         get_optional_array(func, "aux", aux_obj, NPY_FLOAT64, 1, auxshape, "(num_experts,)", IN_ARRAY, &aux) < 0 ||
-        get_optional_array(func, "grad_weight", gw_obj, typenum, 2, wshape, "(out, in)", INOUT_ARRAY, &gw) < 0 ||
-        get_optional_array(func, "grad_bias", gbias_obj, typenum, 1, bshape, "(out,)", INOUT_ARRAY, &gbias) < 0 ||
-        get_optional_array(func, "grad_lora_A", ga_obj, typenum, 2, ashape, "(r, in)", INOUT_ARRAY, &ga) < 0 ||
-        get_optional_array(func, "grad_lora_B", gb_obj, typenum, 2, lbshape, "(out, r)", INOUT_ARRAY, &gbb) < 0 ||
         get_optional_array(func, "grad_lora_router", gr_obj, typenum, 2, rshape, "(num_experts, in)", INOUT_ARRAY,
                            &gr) < 0)
         goto fail;
-    AliasArg alias_in[] = {ALIAS_KARRAY("grad_output", g), ALIAS_KARRAY("x", op.lin.x), ALIAS_KARRAY("weight", op.lin.w),
-                           ALIAS_KARRAY("lora_A", op.lin.a), ALIAS_KARRAY("lora_B", op.lin.b),
-                           ALIAS_KARRAY("lora_router", op.router), ALIAS_KARRAY("u", u), ALIAS_KARRAY("probs", probs),
-                           ALIAS_KARRAY("gates", gates), ALIAS_KARRAY("aux", aux), ALIAS_KARRAY("mask", op.lin.mask)};
-    AliasArg alias_out[] = {ALIAS_KARRAY("grad_weight", gw), ALIAS_KARRAY("grad_bias", gbias),
-                            ALIAS_KARRAY("grad_lora_A", ga), ALIAS_KARRAY("grad_lora_B", gbb),
+    AliasArg alias_in[] = {ALIAS_KARRAY("grad_output", ga.g), ALIAS_KARRAY("x", lin->x),
+                           ALIAS_KARRAY("weight", lin->w), ALIAS_KARRAY("lora_A", lin->a),
+                           ALIAS_KARRAY("lora_B", lin->b), ALIAS_KARRAY("lora_router", op.router),
+                           ALIAS_KARRAY("u", ga.u), ALIAS_KARRAY("probs", probs), ALIAS_KARRAY("gates", gates),
+                           ALIAS_KARRAY("aux", aux), ALIAS_KARRAY("mask", lin->mask)};
+    AliasArg alias_out[] = {ALIAS_KARRAY("grad_weight", ga.gw), ALIAS_KARRAY("grad_bias", ga.gbias),
+                            ALIAS_KARRAY("grad_lora_A", ga.ga), ALIAS_KARRAY("grad_lora_B", ga.gb),
                             ALIAS_KARRAY("grad_lora_router", gr)}; /* issue 7: aliasing */
     if (resolve_aliasing(func, alias_in, ALIAS_COUNT(alias_in), alias_out, ALIAS_COUNT(alias_out)) < 0)
         goto fail;
     /* the kernel reads u, probs, gates and aux densely */
-    KArray *dense[4] = {&u, &probs, &gates, &aux};
+    KArray *dense[4] = {&ga.u, &probs, &gates, &aux};
     for (int i = 0; i < 4; i++) {
         if (dense[i]->arr && !PyArray_IS_C_CONTIGUOUS(dense[i]->arr)) {
             PyArrayObject *copy = (PyArrayObject *)PyArray_NewCopy(dense[i]->arr, NPY_CORDER);
@@ -2430,35 +2381,31 @@ static PyObject *py_molora_backward(PyObject *self, PyObject *args, PyObject *kw
     if (need_input_grad && !(dx = new_matrix(typenum, lin->n, lin->in)))
         goto fail;
     LoraMoe L = moe_kernel_args(&op, scaling, keep_scale);
+    const LoraLinearGrads common = linear_grads_args(&ga, dx, lin->in);
     LoraMoeGrads G = {
-        .dx = dx ? PyArray_DATA((PyArrayObject *)dx) : NULL, .lddx = lin->in > 0 ? lin->in : 1,
-        .dw = data_or_null(&gw), .lddw = gw.ld, .dbias = data_or_null(&gbias),
-        .da = data_or_null(&ga), .ldda = ga.ld, .db = data_or_null(&gbb), .lddb = gbb.ld,
+        .dx = common.dx, .lddx = common.lddx, .dw = common.dw, .lddw = common.lddw, .dbias = common.dbias,
+        .da = common.da, .ldda = common.ldda, .db = common.db, .lddb = common.lddb,
         .drouter = data_or_null(&gr), .lddrouter = gr.ld,
     };
-    const void *ud = data_or_null(&u), *pd = data_or_null(&probs), *gd = data_or_null(&gates);
+    const void *ud = data_or_null(&ga.u), *pd = data_or_null(&probs), *gd = data_or_null(&gates);
+    const void *g_data = data_or_null(&ga.g);
     const double *auxd = data_or_null(&aux);
     int status;
-    Py_BEGIN_ALLOW_THREADS
-    if (typenum == NPY_FLOAT32)
-        status = lorac_moe_backward_f32(&L, ud, pd, gd, auxd, data_or_null(&g), g.ld, &G);
-    else
-        status = lorac_moe_backward_f64(&L, ud, pd, gd, auxd, data_or_null(&g), g.ld, &G);
-    Py_END_ALLOW_THREADS
+    CALL_KERNEL_INTO(status, typenum, lorac_moe_backward, &L, ud, pd, gd, auxd, g_data, ga.g.ld, &G);
     if (status != 0) {
         PyErr_NoMemory();
         goto fail;
     }
-    karray_release(&g), karray_release(&u), karray_release(&probs), karray_release(&gates), karray_release(&aux);
-    karray_release(&gw), karray_release(&gbias), karray_release(&ga), karray_release(&gbb), karray_release(&gr);
+    grad_arrays_release(&ga);
+    karray_release(&probs), karray_release(&gates), karray_release(&aux), karray_release(&gr);
     moe_operands_release(&op);
     if (!dx)
         Py_RETURN_NONE;
     return dx;
 fail:
     Py_XDECREF(dx);
-    karray_release(&g), karray_release(&u), karray_release(&probs), karray_release(&gates), karray_release(&aux);
-    karray_release(&gw), karray_release(&gbias), karray_release(&ga), karray_release(&gbb), karray_release(&gr);
+    grad_arrays_release(&ga);
+    karray_release(&probs), karray_release(&gates), karray_release(&aux), karray_release(&gr);
     moe_operands_release(&op);
     return NULL;
 }
