@@ -2381,11 +2381,8 @@ static PyObject *py_molora_backward(PyObject *self, PyObject *args, PyObject *kw
     if (need_input_grad && !(dx = new_matrix(typenum, lin->n, lin->in)))
         goto fail;
     LoraMoe L = moe_kernel_args(&op, scaling, keep_scale);
-    const LoraLinearGrads common = linear_grads_args(&ga, dx, lin->in);
     LoraMoeGrads G = {
-        .dx = common.dx, .lddx = common.lddx, .dw = common.dw, .lddw = common.lddw, .dbias = common.dbias,
-        .da = common.da, .ldda = common.ldda, .db = common.db, .lddb = common.lddb,
-        .drouter = data_or_null(&gr), .lddrouter = gr.ld,
+        .lin = linear_grads_args(&ga, dx, lin->in), .drouter = data_or_null(&gr), .lddrouter = gr.ld,
     };
     const void *ud = data_or_null(&ga.u), *pd = data_or_null(&probs), *gd = data_or_null(&gates);
     const void *g_data = data_or_null(&ga.g);

@@ -27,6 +27,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "lora_linear.h" /* LoraLinearGrads */
+
 typedef struct {
     ptrdiff_t n, in, out, r;
     ptrdiff_t experts;  /* E >= 1, divides r */
@@ -43,18 +45,16 @@ typedef struct {
 } LoraMoe;
 
 /* Gradient accumulators; NULL: frozen / not wanted, nothing computed for it.
+ * lin holds the Linear layer's (lora_linear.h), here meaning:
  *   dx (n, in)         written (not accumulated)
  *   dw (out, in)       += g^T x
  *   dbias (out)        += column sums of g
  *   da (r, in)         += (dh * expand(gates))^T drop(x),  dh = scaling * g B
  *   db (out, r)        += scaling * g^T h
+ * and the router's:
  *   drouter (E, in)    += dz^T x                                          */
 typedef struct {
-    void *dx;      ptrdiff_t lddx;
-    void *dw;      ptrdiff_t lddw;
-    void *dbias;
-    void *da;      ptrdiff_t ldda;
-    void *db;      ptrdiff_t lddb;
+    LoraLinearGrads lin;
     void *drouter; ptrdiff_t lddrouter;
 } LoraMoeGrads;
 

@@ -100,7 +100,7 @@ int FN(lorac_moe_backward)(const LoraMoe *L, const real *u, const real *probs, c
     const ptrdiff_t rb = r > 0 ? r / experts : 1;
     const real scaling = (real)L->scaling;
     const real *x = L->x;
-    real *dx = G->dx, *da = G->da, *db = G->db, *drouter = G->drouter;
+    real *dx = G->lin.dx, *da = G->lin.da, *db = G->lin.db, *drouter = G->drouter;
     const int need_gh = n > 0 && r > 0 && (dx || da || drouter);
     const int need_dz = n > 0 && (dx || drouter);
     const int need_drop = need_gh && L->mask && in > 0 && (dx || da);
@@ -115,16 +115,14 @@ int FN(lorac_moe_backward)(const LoraMoe *L, const real *u, const real *probs, c
         goto nomem;
     /* dx = g W0, dW0, dbias: the Linear kernel without adapter (allocates before it writes) */
     const LoraLinear base = FN(moe_base)(L);
-    const LoraLinearGrads base_grads = {
-        .dx = dx, .lddx = G->lddx, .dw = G->dw, .lddw = G->lddw, .dbias = G->dbias,
-        .da = NULL, .ldda = 1, .db = NULL, .lddb = 1,
-    };
+    LoraLinearGrads base_grads = G->lin; /* the adapter's gradients are this kernel's own */
+    base_grads.da = NULL, base_grads.ldda = 1, base_grads.db = NULL, base_grads.lddb = 1;
     if (FN(lorac_linear_backward)(&base, NULL, 1, g, ldg, &base_grads) != 0)
         goto nomem;
 
     if (db && tmp) { /* db += scaling * g^T h,  h = u * expand(gates)  (out, r) */
         FN(moe_gate_rows)(n, r, experts, u, gates, tmp);
-        FN(gemm_rm)(CblasTrans, CblasNoTrans, out, r, n, scaling, g, ldg, tmp, r, 1, db, G->lddb);
+        FN(gemm_rm)(CblasTrans, CblasNoTrans, out, r, n, scaling, g, ldg, tmp, r, 1, db, G->lin.lddb);
     }
     if (need_gh) /* gh = g B  (n, r) */
         FN(gemm_rm)(CblasNoTrans, CblasNoTrans, n, r, out, 1, g, ldg, L->b, L->ldb, 0, tmp, r);
@@ -158,7 +156,7 @@ int FN(lorac_moe_backward)(const LoraMoe *L, const real *u, const real *probs, c
                         G->lddrouter);
         if (dx) /* dx += dz R  (n, in) */
             FN(gemm_rm)(CblasNoTrans, CblasNoTrans, n, in, experts, 1, dz, experts, L->router, L->ldrouter, 1,
-                        dx, G->lddx);
+                        dx, G->lin.lddx);
     }
     if (need_gh && (dx || da)) {
         /* du = scaling * gh * expand(gates), in place */
@@ -167,7 +165,7 @@ int FN(lorac_moe_backward)(const LoraMoe *L, const real *u, const real *probs, c
                 tmp[i * r + j] *= scaling * gates[i * experts + j / rb];
         /* dx += drop'(du A);  da += du^T drop(x) */
         FN(branch_down_backward)(n, in, r, 1, tmp, r, x, L->ldx, L->mask, (real)L->keep_scale, L->a, L->lda,
-                                 dx, G->lddx, da, G->ldda, scratch);
+                                 dx, G->lin.lddx, da, G->lin.ldda, scratch);
     }
     free(tmp);
     free(dz);
