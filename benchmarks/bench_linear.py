@@ -100,6 +100,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--quick", action="store_true", help="in = out = 1024 and N <= 256 only")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--small-repeats", type=int, default=21,
+                        help="repeats for rows of at most 2^24 multiply-adds (N = 1 and 16 at 1024, "
+                             "N = 1 at 4096): a median of a few 50-500 us timings moves by several "
+                             "per cent on a shared machine")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     lorac.set_num_threads(args.threads)
@@ -107,12 +111,14 @@ def main(argv=None):
     batches = [1, 16, 256] if args.quick else [1, 16, 256, 2048]
     rng = np.random.default_rng(0)
     print(f"lorac {lorac.__version__}, {lorac.blas_info()['name']}, threads={lorac.get_num_threads()}, "
-          f"numpy {np.__version__}; times are medians of {args.repeats} interleaved repeats")
+          f"numpy {np.__version__}; times are medians of {args.repeats} interleaved repeats "
+          f"({args.small_repeats} for rows of <= 2^24 multiply-adds)")
     rows = []
     for size in sizes:
         for n in batches:
             for r in (8, 16):
-                rows.append(bench_row(size, n, r, rng, args.repeats))
+                repeats = args.small_repeats if n * size * size <= 1 << 24 else args.repeats
+                rows.append(bench_row(size, n, r, rng, repeats))
                 print(f"  done in=out={size} N={n} r={r}", file=sys.stderr)
     print_table(
         ["in=out", "N", "r", "bare ms", "fwd ms", "fwd/bare", "floor", "merged/bare", "train ms",
