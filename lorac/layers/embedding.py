@@ -8,7 +8,7 @@ from .. import _C
 from .. import init as _init
 from .._arrays import as_generator, float_dtype, non_negative_int
 from ..module import Module, Parameter
-from ._threading import locked
+from ._threading import locked, store_cache
 from ._grads import GradBuffers
 from ._lora_init import check_init
 from .base import LoRALayer
@@ -83,7 +83,7 @@ class Embedding(LoRALayer, Module):
             a, b, scaling = branch.a, branch.b, branch.scaling
             lora_on = a is not None
         y, u = _C.embedding_forward(flat, params["weight"].data, a, b, scaling)
-        self._cache = _ForwardCache(flat, u, lora_on, idx.shape, branch)
+        store_cache(self, _ForwardCache(flat, u, lora_on, idx.shape, branch))
         return y if idx.ndim == 1 else y.reshape(idx.shape + (self.embedding_dim,))
 
     def _mixed_forward(self, flat, ids, lead_shape):
@@ -116,7 +116,7 @@ class Embedding(LoRALayer, Module):
                     self._branch_grads(branch) as lora_buffers:
                 _C.embedding_backward(g2, cache.indices, params["weight"].data, branch.a, branch.b, cache.u,
                                       branch.scaling, self.padding_idx, **buffers, **lora_buffers)
-        self._cache = None
+        store_cache(self, None)
         return None
 
     # -- merging and named adapters (the bookkeeping: layers/adapters.py) --------

@@ -8,7 +8,7 @@ from .. import _C
 from .. import init as _init
 from .._arrays import as_generator, float_dtype, non_negative_int
 from ..module import Module, Parameter
-from ._threading import locked
+from ._threading import locked, store_cache
 from ._grads import GradBuffers as _GradBuffers
 from ._lora_init import check_init
 from .base import LoRALayer
@@ -101,7 +101,7 @@ class Linear(LoRALayer, Module):
         bias = params["bias"]
         y, u = _C.linear_forward(x2, params["weight"].data, None if bias is None else bias.data, a, b,
                                  scaling, self.fan_in_fan_out, mask, keep_scale)
-        self._cache = _ForwardCache(x2, u, mask, keep_scale, lora_on, lead_shape, branch)
+        store_cache(self, _ForwardCache(x2, u, mask, keep_scale, lora_on, lead_shape, branch))
         return y if x.ndim == 2 else y.reshape(lead_shape + (self.out_features,))
 
     def _mixed_forward(self, x2, ids, lead_shape):
@@ -129,18 +129,19 @@ class Linear(LoRALayer, Module):
             lora_a, lora_b = (params["lora_A"], params["lora_B"]) if cache.lora_on else (None, None)
             grads = {"grad_weight": weight, "grad_bias": params["bias"],
                      "grad_lora_A": lora_a, "grad_lora_B": lora_b}
-            with _GradBuffers(grads) as buffers:
+            with _GradBuffers(grads) as buffers:  # positional: C parses keywords ~0.3 us slower
                 dx = _C.linear_backward(
                     g2, cache.x, weight.data, None if lora_a is None else lora_a.data,
                     None if lora_b is None else lora_b.data, cache.u, self.scaling, self.fan_in_fan_out,
-                    cache.mask, cache.keep_scale, True, **buffers)
+                    cache.mask, cache.keep_scale, True, buffers["grad_weight"], buffers["grad_bias"],
+                    buffers["grad_lora_A"], buffers["grad_lora_B"])
         else:  # named adapters (layers/adapters.py)
             base_grads = _GradBuffers({"grad_weight": weight, "grad_bias": params["bias"]})
             with base_grads as buffers, self._branch_grads(branch) as lora_buffers:
                 dx = _C.linear_backward(g2, cache.x, weight.data, branch.a, branch.b, cache.u, branch.scaling,
                                         self.fan_in_fan_out, cache.mask, cache.keep_scale, True, **buffers,
                                         **lora_buffers)
-        self._cache = None
+        store_cache(self, None)
         return dx if len(cache.lead_shape) == 1 else dx.reshape(cache.lead_shape + (self.in_features,))
 
     def _dropout_mask(self, shape, p):

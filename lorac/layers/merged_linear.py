@@ -9,7 +9,7 @@ from .. import _C
 from .. import init as _init
 from .._arrays import as_generator, float_dtype, non_negative_int
 from ..module import Module, Parameter
-from ._threading import locked
+from ._threading import locked, store_cache
 from ._grads import GradBuffers
 from ._lora_init import check_init
 from .base import LoRALayer
@@ -116,7 +116,7 @@ class MergedLinear(LoRALayer, Module):
                                             self.fan_in_fan_out, mask, keep_scale)
         else:  # merged or no adapter: the base layer only
             y, u = _C.linear_forward(x2, params["weight"].data, bias, None, None, 0.0, self.fan_in_fan_out)
-        self._cache = _ForwardCache(x2, u, mask, keep_scale, lora_on, lead_shape, branch)
+        store_cache(self, _ForwardCache(x2, u, mask, keep_scale, lora_on, lead_shape, branch))
         return y if x.ndim == 2 else y.reshape(lead_shape + (self.out_features,))
 
     def _mixed_forward(self, x2, ids, lead_shape):
@@ -158,7 +158,7 @@ class MergedLinear(LoRALayer, Module):
             with GradBuffers({"grad_weight": weight, "grad_bias": params["bias"]}) as buffers:
                 dx = _C.linear_backward(g2, cache.x, weight.data, None, None, None, 0.0,
                                         self.fan_in_fan_out, None, 1.0, True, **buffers)
-        self._cache = None
+        store_cache(self, None)
         return dx if len(cache.lead_shape) == 1 else dx.reshape(cache.lead_shape + (self.in_features,))
 
     def _dropout_mask(self, shape, p):
