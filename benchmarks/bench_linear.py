@@ -4,6 +4,8 @@ For in = out in {1024, 4096}, N in {1, 16, 256, 2048}, r in {8, 16}, float32,
 one thread count for everyone, medians of interleaved repeats:
 
   bare      x @ W.T + b                        (NumPy; the floor for any layer)
+  bare step x @ W.T + b, then g @ W              (NumPy; the floor for any training step:
+                                                  the forward and input-gradient products)
   lorac     unmerged forward, merged forward (eval), training step (fwd + bwd)
   numpy     the same LoRA forward / training step written in plain NumPy
 
@@ -63,6 +65,7 @@ def bench_row(size, n, r, rng, repeats):
 
     times = time_interleaved({
         "bare": lambda: x @ w.T + b,
+        "bare_step": lambda: (x @ w.T + b, g @ w),
         "lorac_fwd": lambda: layer(x),
         "lorac_merged": lambda: merged(x),
         "lorac_train": lorac_train_step,
@@ -75,6 +78,7 @@ def bench_row(size, n, r, rng, repeats):
             "fwd_vs_bare": times["lorac_fwd"] / times["bare"],
             "merged_vs_bare": times["lorac_merged"] / times["bare"],
             "train_vs_bare": times["lorac_train"] / times["bare"],
+            "step_floor_vs_bare": times["bare_step"] / times["bare"],
             "numpy_fwd_over_lorac": times["numpy_fwd"] / times["lorac_fwd"],
             "numpy_train_over_lorac": times["numpy_train"] / times["lorac_train"]}
 
@@ -122,10 +126,10 @@ def main(argv=None):
                 print(f"  done in=out={size} N={n} r={r}", file=sys.stderr)
     print_table(
         ["in=out", "N", "r", "bare ms", "fwd ms", "fwd/bare", "floor", "merged/bare", "train ms",
-         "train/bare", "np fwd/lorac", "np train/lorac"],
+         "train/bare", "step floor", "np fwd/lorac", "np train/lorac"],
         [[row["in"], row["N"], row["r"], f"{row['bare_ms']:.3f}", f"{row['lorac_fwd_ms']:.3f}",
           f"{row['fwd_vs_bare']:.3f}", f"{row['floor']:.4f}", f"{row['merged_vs_bare']:.3f}",
-          f"{row['lorac_train_ms']:.3f}", f"{row['train_vs_bare']:.3f}",
+          f"{row['lorac_train_ms']:.3f}", f"{row['train_vs_bare']:.3f}", f"{row['step_floor_vs_bare']:.3f}",
           f"{row['numpy_fwd_over_lorac']:.2f}", f"{row['numpy_train_over_lorac']:.2f}"] for row in rows])
     failures = check_targets(rows)
     print("\ntargets: " + ("all met" if not failures else f"{len(failures)} missed"))
