@@ -105,9 +105,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="in = out = 1024 and N <= 256 only")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--small-repeats", type=int, default=21,
-                        help="repeats for rows of at most 2^24 multiply-adds (N = 1 and 16 at 1024, "
-                             "N = 1 at 4096): a median of a few 50-500 us timings moves by several "
-                             "per cent on a shared machine")
+                        help="repeats for rows of at most 2^28 multiply-adds (N <= 256 at 1024, "
+                             "N <= 16 at 4096): on a shared machine a median of 7 timings of "
+                             "0.05-10 ms calls moved by up to 10%% between identical rows")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     lorac.set_num_threads(args.threads)
@@ -116,12 +116,12 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     print(f"lorac {lorac.__version__}, {lorac.blas_info()['name']}, threads={lorac.get_num_threads()}, "
           f"numpy {np.__version__}; times are medians of {args.repeats} interleaved repeats "
-          f"({args.small_repeats} for rows of <= 2^24 multiply-adds)")
+          f"({args.small_repeats} for rows of <= 2^28 multiply-adds)")
     rows = []
     for size in sizes:
         for n in batches:
             for r in (8, 16):
-                repeats = args.small_repeats if n * size * size <= 1 << 24 else args.repeats
+                repeats = args.small_repeats if n * size * size <= 1 << 28 else args.repeats
                 rows.append(bench_row(size, n, r, rng, repeats))
                 print(f"  done in=out={size} N={n} r={r}", file=sys.stderr)
     print_table(
