@@ -10,7 +10,8 @@ from reference import assert_close, central_difference, linear_backward, linear_
 
 DTYPES = [np.float32, np.float64]
 # (n, in, out, r): empty batch, single row, odd sizes, r = 1, r > in, wide/tall;
-# n and r of 2 and 3 take gemm_rm's row-by-row GEMV path (csrc/gemm_impl.h)
+# n and r of 2 and 3 take gemm_rm's row-by-row GEMV path, n of 5 and 32 with a
+# depth >= 128 its panel path (two panels of C^T, the second partial; csrc/gemm_impl.h)
 SHAPES = [(0, 5, 3, 2), (1, 1, 1, 1), (1, 7, 5, 3), (2, 6, 5, 2), (3, 8, 4, 3), (3, 17, 9, 1), (13, 31, 23, 4),
           (65, 20, 70, 8), (5, 130, 300, 4), (32, 128, 260, 2),
           (130, 9, 11, 16), (4, 0, 6, 2), (4, 6, 0, 2)]
