@@ -4,7 +4,7 @@
  * *_decl.h template, then dtype_end.h.  Inside, templates write:
  *   real          the element type (float or double)
  *   FN(name)      name_f32 / name_f64
- *   GEMM, GEMV    cblas_sgemm / cblas_dgemm, ...
+ *   GEMM, GEMV, GER, AXPY   cblas_sgemm / cblas_dgemm, ...
  * so each kernel is written once for both dtypes.
  */
 #include <stddef.h>
@@ -19,12 +19,14 @@
 #define FN(name) LORAC_PASTE(name, _f32)
 #define GEMM CBLAS(sgemm)
 #define GEMV CBLAS(sgemv)
+#define GER CBLAS(sger)
 #define AXPY CBLAS(saxpy)
 #elif LORAC_DTYPE == 64
 #define real double
 #define FN(name) LORAC_PASTE(name, _f64)
 #define GEMM CBLAS(dgemm)
 #define GEMV CBLAS(dgemv)
+#define GER CBLAS(dger)
 #define AXPY CBLAS(daxpy)
 #else
 #error "LORAC_DTYPE must be 32 or 64"

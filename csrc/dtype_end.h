@@ -3,5 +3,6 @@
 #undef FN
 #undef GEMM
 #undef GEMV
+#undef GER
 #undef AXPY
 #undef LORAC_DTYPE
