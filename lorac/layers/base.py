@@ -64,7 +64,7 @@ class LoRALayer(NamedAdapters):
 
     def _require_cache(self):
         """This thread's forward cache, checked against what changed since."""
-        cache = self._cache
+        cache = getattr(self.__dict__.get("_tls"), "cache", None)  # self._cache, minus the descriptor's call
         if cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called without a preceding forward() "
                                "(or twice for one forward)")
