@@ -6,6 +6,8 @@ one thread count for everyone, medians of interleaved repeats:
   bare      x @ W.T + b                        (NumPy; the floor for any layer)
   bare step x @ W.T + b, then g @ W              (NumPy; the floor for any training step:
                                                   the forward and input-gradient products)
+  noise     bare again on a copy of W, over bare (identical work: how far apart
+            two medians of this row can land on this machine)
   lorac     unmerged forward, merged forward (eval), training step (fwd + bwd)
   numpy     the same LoRA forward / training step written in plain NumPy
 
@@ -58,6 +60,7 @@ def bench_row(size, n, r, rng, repeats):
     merged.load_state_dict(layer.state_dict())
     merged.eval()
     np_grads = {"a": np.zeros_like(a), "b": np.zeros_like(bb), "bias": np.zeros_like(b)}
+    w_copy = w.copy()  # the same product on another array: this row's measurement noise
 
     def lorac_train_step():
         layer(x)
@@ -65,6 +68,7 @@ def bench_row(size, n, r, rng, repeats):
 
     times = time_interleaved({
         "bare": lambda: x @ w.T + b,
+        "bare_copy": lambda: x @ w_copy.T + b,
         "bare_step": lambda: (x @ w.T + b, g @ w),
         "lorac_fwd": lambda: layer(x),
         "lorac_merged": lambda: merged(x),
@@ -79,6 +83,7 @@ def bench_row(size, n, r, rng, repeats):
             "merged_vs_bare": times["lorac_merged"] / times["bare"],
             "train_vs_bare": times["lorac_train"] / times["bare"],
             "step_floor_vs_bare": times["bare_step"] / times["bare"],
+            "bare_copy_vs_bare": times["bare_copy"] / times["bare"],
             "numpy_fwd_over_lorac": times["numpy_fwd"] / times["lorac_fwd"],
             "numpy_train_over_lorac": times["numpy_train"] / times["lorac_train"]}
 
@@ -126,11 +131,12 @@ def main(argv=None):
                 print(f"  done in=out={size} N={n} r={r}", file=sys.stderr)
     print_table(
         ["in=out", "N", "r", "bare ms", "fwd ms", "fwd/bare", "floor", "merged/bare", "train ms",
-         "train/bare", "step floor", "np fwd/lorac", "np train/lorac"],
+         "train/bare", "step floor", "np fwd/lorac", "np train/lorac", "noise"],
         [[row["in"], row["N"], row["r"], f"{row['bare_ms']:.3f}", f"{row['lorac_fwd_ms']:.3f}",
           f"{row['fwd_vs_bare']:.3f}", f"{row['floor']:.4f}", f"{row['merged_vs_bare']:.3f}",
           f"{row['lorac_train_ms']:.3f}", f"{row['train_vs_bare']:.3f}", f"{row['step_floor_vs_bare']:.3f}",
-          f"{row['numpy_fwd_over_lorac']:.2f}", f"{row['numpy_train_over_lorac']:.2f}"] for row in rows])
+          f"{row['numpy_fwd_over_lorac']:.2f}", f"{row['numpy_train_over_lorac']:.2f}",
+          f"{row['bare_copy_vs_bare']:.3f}"] for row in rows])
     failures = check_targets(rows)
     print("\ntargets: " + ("all met" if not failures else f"{len(failures)} missed"))
     for failure in failures:
