@@ -46,10 +46,15 @@ def locked(method):
     """Decorator: run the method holding the layer's lock."""
     @functools.wraps(method)
     def run_locked(self, *args, **kwargs):
-        lock = self.__dict__.get("_lock")  # forward/backward of a one-row batch take ~2 us: skip a call
-        with lock if lock is not None else layer_lock(self):
+        with self.__dict__.get("_lock") or layer_lock(self):  # the lock exists after the first call: no call
             return method(self, *args, **kwargs)
     return run_locked
+
+
+def load_cache(layer):
+    """This thread's layer._cache (None until its first forward), without the
+    descriptor's call (backward's hot path)."""
+    return getattr(layer.__dict__.get("_tls"), "cache", None)
 
 
 def store_cache(layer, value):
@@ -63,13 +68,10 @@ def store_cache(layer, value):
 
 class PerThreadCache:
     """Data descriptor for a layer's ``_cache``: one value per thread (None
-    until that thread's first forward)."""
+    until that thread's first forward); load_cache / store_cache underneath."""
 
     def __get__(self, layer, owner=None):
-        if layer is None:
-            return self
-        tls = layer.__dict__.get("_tls")
-        return None if tls is None else getattr(tls, "cache", None)
+        return self if layer is None else load_cache(layer)
 
     def __set__(self, layer, value):
-        _lazy(layer, "_tls", threading.local).cache = value
+        store_cache(layer, value)

@@ -3,6 +3,7 @@
 import math
 
 from .._arrays import as_float_array, check_last_dim, non_negative_int, probability, real_number
+from ._threading import load_cache
 from .adapters import NamedAdapters
 
 
@@ -64,7 +65,7 @@ class LoRALayer(NamedAdapters):
 
     def _require_cache(self):
         """This thread's forward cache, checked against what changed since."""
-        cache = getattr(self.__dict__.get("_tls"), "cache", None)  # self._cache, minus the descriptor's call
+        cache = load_cache(self)
         if cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called without a preceding forward() "
                                "(or twice for one forward)")
