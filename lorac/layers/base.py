@@ -63,17 +63,23 @@ class LoRALayer(NamedAdapters):
             raise ValueError(f"{name} must have shape {expected} (the output's), got {g.shape}")
         return g
 
+    # A layer's forward cache (what its backward needs) is a plain tuple that
+    # ends with (lora_on, lead_shape, branch); each layer's backward unpacks it
+    # by name.  Not a namedtuple: that one's constructor is a Python function,
+    # ~0.6 us on every forward when a large matrix product has just evicted the
+    # interpreter's data from L2 (benchmarks/bench_overhead.py).
     def _require_cache(self):
         """This thread's forward cache, checked against what changed since."""
         cache = load_cache(self)
         if cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called without a preceding forward() "
                                "(or twice for one forward)")
-        if cache.branch is None:
-            if cache.lora_on != (self._default_adapter_on() and not self.merged):
+        lora_on, branch = cache[-3], cache[-1]
+        if branch is None:
+            if lora_on != (self._default_adapter_on() and not self.merged):
                 raise RuntimeError(f"{type(self).__name__}.backward(): the adapter was merged or unmerged "
                                    "(train()/eval()) between forward() and backward(); run forward() again")
-        elif cache.branch.version != self._adapter_version:
+        elif branch.version != self._adapter_version:
             self._stale_branch()
         return cache
 

@@ -1,7 +1,5 @@
 """lorac.Embedding: loralib's LoRA Embedding on the C gather kernels (csrc/lora_embedding*)."""
 
-from collections import namedtuple
-
 import numpy as np
 
 from .. import _C
@@ -13,10 +11,10 @@ from ._grads import GradBuffers
 from ._lora_init import check_init
 from .base import LoRALayer
 
-# What backward needs from a forward: the flat indices, u = A^T[idx], whether
-# the adapter branch ran, the indices' shape, and the named-adapter Branch
-# (None on the fast path).
-_ForwardCache = namedtuple("_ForwardCache", ["indices", "u", "lora_on", "lead_shape", "branch"])
+# What backward needs from a forward, a plain tuple (layers/base.py says why):
+#   (flat_indices, u, lora_on, lead_shape, branch)
+# the flat indices, u = A^T[idx], whether the adapter branch ran, the
+# indices' shape, and the named-adapter Branch (None on the fast path).
 
 
 class Embedding(LoRALayer, Module):
@@ -83,7 +81,7 @@ class Embedding(LoRALayer, Module):
             a, b, scaling = branch.a, branch.b, branch.scaling
             lora_on = a is not None
         y, u = _C.embedding_forward(flat, params["weight"].data, a, b, scaling)
-        store_cache(self, _ForwardCache(flat, u, lora_on, idx.shape, branch))
+        store_cache(self, (flat, u, lora_on, idx.shape, branch))
         return y if idx.ndim == 1 else y.reshape(idx.shape + (self.embedding_dim,))
 
     def _mixed_forward(self, flat, ids, lead_shape):
@@ -96,25 +94,24 @@ class Embedding(LoRALayer, Module):
     @locked
     def backward(self, grad_output):
         """Accumulates .grad of the trainable parameters; returns None (indices have no gradient)."""
-        cache = self._require_cache()
+        flat_indices, u, lora_on, lead_shape, branch = self._require_cache()
         g = grad_output
-        expected = cache.lead_shape + (self.embedding_dim,)
+        expected = lead_shape + (self.embedding_dim,)
         if type(g) is not np.ndarray or g.dtype != self.dtype or g.shape != expected:
             g = self._checked_grad_output(g, expected)
         params = self._parameters
         g2 = g if g.ndim == 2 else g.reshape(-1, self.embedding_dim)
-        branch = cache.branch
         if branch is None:  # the fast path's forward
-            lora_a, lora_b = (params["lora_A"], params["lora_B"]) if cache.lora_on else (None, None)
+            lora_a, lora_b = (params["lora_A"], params["lora_B"]) if lora_on else (None, None)
             grads = {"grad_weight": params["weight"], "grad_lora_A": lora_a, "grad_lora_B": lora_b}
             with GradBuffers(grads) as buffers:
                 _C.embedding_backward(
-                    g2, cache.indices, params["weight"].data, None if lora_a is None else lora_a.data,
-                    None if lora_b is None else lora_b.data, cache.u, self.scaling, self.padding_idx, **buffers)
+                    g2, flat_indices, params["weight"].data, None if lora_a is None else lora_a.data,
+                    None if lora_b is None else lora_b.data, u, self.scaling, self.padding_idx, **buffers)
         else:  # named adapters (layers/adapters.py)
             with GradBuffers({"grad_weight": params["weight"]}) as buffers, \
                     self._branch_grads(branch) as lora_buffers:
-                _C.embedding_backward(g2, cache.indices, params["weight"].data, branch.a, branch.b, cache.u,
+                _C.embedding_backward(g2, flat_indices, params["weight"].data, branch.a, branch.b, u,
                                       branch.scaling, self.padding_idx, **buffers, **lora_buffers)
         store_cache(self, None)
         return None

@@ -1,7 +1,5 @@
 """lorac.Linear: loralib's LoRA Linear on the fused C kernels (csrc/lora_linear*)."""
 
-from collections import namedtuple
-
 import numpy as np
 
 from .. import _C
@@ -13,10 +11,11 @@ from ._grads import GradBuffers, forget_created, grad_accumulators
 from ._lora_init import check_init
 from .base import LoRALayer
 
-# What backward needs from a forward: the 2-D input, u = drop(x) A^T, the
-# dropout mask and its 1 / (1 - p), whether the adapter branch ran, the
-# input's leading shape, and the named-adapter Branch (None on the fast path).
-_ForwardCache = namedtuple("_ForwardCache", ["x", "u", "mask", "keep_scale", "lora_on", "lead_shape", "branch"])
+# What backward needs from a forward, a plain tuple (layers/base.py says why):
+#   (x2, u, mask, keep_scale, lora_on, lead_shape, branch)
+# the 2-D input, u = drop(x) A^T, the dropout mask and its 1 / (1 - p),
+# whether the adapter branch ran, the input's leading shape, and the
+# named-adapter Branch (None on the fast path).
 
 
 class Linear(LoRALayer, Module):
@@ -102,7 +101,7 @@ class Linear(LoRALayer, Module):
             bias = params["bias"]
             y, u = _C.linear_forward(x2, params["weight"].data, None if bias is None else bias.data, a, b,
                                      scaling, self.fan_in_fan_out, mask, keep_scale)
-            store_cache(self, _ForwardCache(x2, u, mask, keep_scale, lora_on, lead_shape, branch))
+            store_cache(self, (x2, u, mask, keep_scale, lora_on, lead_shape, branch))
             return y if x.ndim == 2 else y.reshape(lead_shape + (self.out_features,))
 
     def _mixed_forward(self, x2, ids, lead_shape):
@@ -117,34 +116,32 @@ class Linear(LoRALayer, Module):
     def backward(self, grad_output):
         """Gradient w.r.t. the input; accumulates .grad of trainable parameters."""
         with self.__dict__.get("_lock") or layer_lock(self):  # inline, as in forward
-            cache = self._require_cache()
+            x2, u, mask, keep_scale, lora_on, lead_shape, branch = self._require_cache()
             g = grad_output
-            expected = cache.lead_shape + (self.out_features,)
+            expected = lead_shape + (self.out_features,)
             if type(g) is not np.ndarray or g.dtype != self.dtype or g.shape != expected:
                 g = self._checked_grad_output(g, expected)
             params = self._parameters
             weight = params["weight"]
             g2 = g if g.ndim == 2 else g.reshape(-1, self.out_features)
-            branch = cache.branch
             if branch is None:  # the fast path's forward
-                lora_a, lora_b = (params["lora_A"], params["lora_B"]) if cache.lora_on else (None, None)
+                lora_a, lora_b = (params["lora_A"], params["lora_B"]) if lora_on else (None, None)
                 grads, created = grad_accumulators(weight, params["bias"], lora_a, lora_b)
                 try:  # positional: C parses keywords ~0.3 us slower
                     dx = _C.linear_backward(
-                        g2, cache.x, weight.data, None if lora_a is None else lora_a.data,
-                        None if lora_b is None else lora_b.data, cache.u, self.scaling, self.fan_in_fan_out,
-                        cache.mask, cache.keep_scale, True, *grads)
+                        g2, x2, weight.data, None if lora_a is None else lora_a.data,
+                        None if lora_b is None else lora_b.data, u, self.scaling, self.fan_in_fan_out,
+                        mask, keep_scale, True, *grads)
                 except BaseException:
                     forget_created(created)
                     raise
             else:  # named adapters (layers/adapters.py)
                 base_grads = GradBuffers({"grad_weight": weight, "grad_bias": params["bias"]})
                 with base_grads as buffers, self._branch_grads(branch) as lora_buffers:
-                    dx = _C.linear_backward(g2, cache.x, weight.data, branch.a, branch.b, cache.u,
-                                            branch.scaling, self.fan_in_fan_out, cache.mask, cache.keep_scale,
-                                            True, **buffers, **lora_buffers)
+                    dx = _C.linear_backward(g2, x2, weight.data, branch.a, branch.b, u, branch.scaling,
+                                            self.fan_in_fan_out, mask, keep_scale, True, **buffers, **lora_buffers)
             store_cache(self, None)
-            return dx if len(cache.lead_shape) == 1 else dx.reshape(cache.lead_shape + (self.in_features,))
+            return dx if len(lead_shape) == 1 else dx.reshape(lead_shape + (self.in_features,))
 
     def _dropout_mask(self, shape, p):
         """uint8 keep-mask (1 = keep) for the LoRA branch input, drawn from self.rng."""

@@ -1,8 +1,6 @@
 """lorac.MergedLinear: loralib's fused-projection LoRA layer on the C kernels
 (csrc/lora_merged_linear*)."""
 
-from collections import namedtuple
-
 import numpy as np
 
 from .. import _C
@@ -14,10 +12,11 @@ from ._grads import GradBuffers
 from ._lora_init import check_init
 from .base import LoRALayer
 
-# What backward needs from a forward: the 2-D input, u = drop(x) A^T, the
-# dropout mask and its 1 / (1 - p), whether the adapter branch ran, the
-# input's leading shape, and the named-adapter Branch (None on the fast path).
-_ForwardCache = namedtuple("_ForwardCache", ["x", "u", "mask", "keep_scale", "lora_on", "lead_shape", "branch"])
+# What backward needs from a forward, a plain tuple (layers/base.py says why):
+#   (x2, u, mask, keep_scale, lora_on, lead_shape, branch)
+# the 2-D input, u = drop(x) A^T, the dropout mask and its 1 / (1 - p),
+# whether the adapter branch ran, the input's leading shape, and the
+# named-adapter Branch (None on the fast path).
 
 
 class MergedLinear(LoRALayer, Module):
@@ -116,7 +115,7 @@ class MergedLinear(LoRALayer, Module):
                                             self.fan_in_fan_out, mask, keep_scale)
         else:  # merged or no adapter: the base layer only
             y, u = _C.linear_forward(x2, params["weight"].data, bias, None, None, 0.0, self.fan_in_fan_out)
-        store_cache(self, _ForwardCache(x2, u, mask, keep_scale, lora_on, lead_shape, branch))
+        store_cache(self, (x2, u, mask, keep_scale, lora_on, lead_shape, branch))
         return y if x.ndim == 2 else y.reshape(lead_shape + (self.out_features,))
 
     def _mixed_forward(self, x2, ids, lead_shape):
@@ -131,35 +130,34 @@ class MergedLinear(LoRALayer, Module):
     @locked
     def backward(self, grad_output):
         """Gradient w.r.t. the input; accumulates .grad of trainable parameters."""
-        cache = self._require_cache()
+        x2, u, mask, keep_scale, lora_on, lead_shape, branch = self._require_cache()
         g = grad_output
-        expected = cache.lead_shape + (self.out_features,)
+        expected = lead_shape + (self.out_features,)
         if type(g) is not np.ndarray or g.dtype != self.dtype or g.shape != expected:
             g = self._checked_grad_output(g, expected)
         g2 = g if g.ndim == 2 else g.reshape(-1, self.out_features)
         params = self._parameters
         weight = params["weight"]
-        branch = cache.branch
-        if cache.lora_on and branch is None:  # the fast path's forward
+        if lora_on and branch is None:  # the fast path's forward
             lora_a, lora_b = params["lora_A"], params["lora_B"]
             grads = {"grad_weight": weight, "grad_bias": params["bias"],
                      "grad_lora_A": lora_a, "grad_lora_B": lora_b}
             with GradBuffers(grads) as buffers:
                 dx = _C.merged_linear_backward(
-                    g2, cache.x, weight.data, lora_a.data, lora_b.data, cache.u, self.enable_lora,
-                    self.scaling, self.fan_in_fan_out, cache.mask, cache.keep_scale, True, **buffers)
-        elif cache.lora_on:  # named adapters (layers/adapters.py)
+                    g2, x2, weight.data, lora_a.data, lora_b.data, u, self.enable_lora,
+                    self.scaling, self.fan_in_fan_out, mask, keep_scale, True, **buffers)
+        elif lora_on:  # named adapters (layers/adapters.py)
             base_grads = GradBuffers({"grad_weight": weight, "grad_bias": params["bias"]})
             with base_grads as buffers, self._branch_grads(branch) as lora_buffers:
                 dx = _C.merged_linear_backward(
-                    g2, cache.x, weight.data, branch.a, branch.b, cache.u, self.enable_lora, branch.scaling,
-                    self.fan_in_fan_out, cache.mask, cache.keep_scale, True, **buffers, **lora_buffers)
+                    g2, x2, weight.data, branch.a, branch.b, u, self.enable_lora, branch.scaling,
+                    self.fan_in_fan_out, mask, keep_scale, True, **buffers, **lora_buffers)
         else:
             with GradBuffers({"grad_weight": weight, "grad_bias": params["bias"]}) as buffers:
-                dx = _C.linear_backward(g2, cache.x, weight.data, None, None, None, 0.0,
+                dx = _C.linear_backward(g2, x2, weight.data, None, None, None, 0.0,
                                         self.fan_in_fan_out, None, 1.0, True, **buffers)
         store_cache(self, None)
-        return dx if len(cache.lead_shape) == 1 else dx.reshape(cache.lead_shape + (self.in_features,))
+        return dx if len(lead_shape) == 1 else dx.reshape(lead_shape + (self.in_features,))
 
     def _dropout_mask(self, shape, p):
         """uint8 keep-mask (1 = keep) of the LoRA branch input, shared by all
