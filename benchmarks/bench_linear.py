@@ -15,11 +15,19 @@ Targets: unmerged forward <= 1.05x bare for N >= 16 at 4096 (floor
 1 + r (in + out) / (in out)); merged forward <= 1.02x bare; training step
 <= 2.2x bare; lorac faster than NumPy in every row.
 
-    python benchmarks/bench_linear.py [--threads T] [--quick] [--json out.json]
+With --processes P each row is measured in P fresh processes and every
+figure is the median over them, the spread of train/bare shown: where the
+arrays of a row land in memory moves its one-row ratios by several percent
+from process to process, a bias that more repeats in one process cannot
+average away.
+
+    python benchmarks/bench_linear.py [--threads T] [--quick] [--processes P] [--json out.json]
 """
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
 
 from _timing import print_table, set_threads_from_argv, time_interleaved
@@ -88,6 +96,22 @@ def bench_row(size, n, r, rng, repeats):
             "numpy_train_over_lorac": times["numpy_train"] / times["lorac_train"]}
 
 
+def bench_row_in_processes(size, n, r, repeats, processes, threads):
+    """bench_row run once in each of `processes` fresh interpreters; every
+    figure is the median over them, and "runs" keeps each process's row."""
+    runs = []
+    for seed in range(processes):
+        command = [sys.executable, __file__, "--threads", str(threads), "--one-row", f"{size},{n},{r}",
+                   "--seed", str(seed), "--repeats", str(repeats)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        runs.append(json.loads(done.stdout))
+    row = {key: runs[0][key] for key in ("in", "out", "N", "r", "floor")}
+    for key in runs[0].keys() - row.keys():  # the timings and ratios
+        row[key] = statistics.median(run[key] for run in runs)
+    row["runs"] = runs
+    return row
+
+
 def check_targets(rows):
     failures = []
     for row in rows:
@@ -113,30 +137,51 @@ def main(argv=None):
                         help="repeats for rows of at most 2^28 multiply-adds (N <= 256 at 1024, "
                              "N <= 16 at 4096): on a shared machine a median of 7 timings of "
                              "0.05-10 ms calls moved by up to 10%% between identical rows")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="measure each row in this many fresh processes (the repeats are per "
+                             "process) and report medians over them")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--one-row", metavar="SIZE,N,R", help=argparse.SUPPRESS)  # a --processes worker
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error(f"--processes must be at least 1, got {args.processes}")
     lorac.set_num_threads(args.threads)
+    if args.one_row:
+        size, n, r = (int(v) for v in args.one_row.split(","))
+        print(json.dumps(bench_row(size, n, r, np.random.default_rng(args.seed), args.repeats)))
+        return
     sizes = [1024] if args.quick else [1024, 4096]
     batches = [1, 16, 256] if args.quick else [1, 16, 256, 2048]
     rng = np.random.default_rng(0)
     print(f"lorac {lorac.__version__}, {lorac.blas_info()['name']}, threads={lorac.get_num_threads()}, "
           f"numpy {np.__version__}; times are medians of {args.repeats} interleaved repeats "
-          f"({args.small_repeats} for rows of <= 2^28 multiply-adds)")
+          f"({args.small_repeats} for rows of <= 2^28 multiply-adds)"
+          + (f" in each of {args.processes} processes, then medians over the processes"
+             if args.processes > 1 else ""))
     rows = []
     for size in sizes:
         for n in batches:
             for r in (8, 16):
                 repeats = args.small_repeats if n * size * size <= 1 << 28 else args.repeats
-                rows.append(bench_row(size, n, r, rng, repeats))
+                if args.processes > 1:
+                    rows.append(bench_row_in_processes(size, n, r, repeats, args.processes, args.threads))
+                else:
+                    rows.append(bench_row(size, n, r, rng, repeats))
                 print(f"  done in=out={size} N={n} r={r}", file=sys.stderr)
-    print_table(
-        ["in=out", "N", "r", "bare ms", "fwd ms", "fwd/bare", "floor", "merged/bare", "train ms",
-         "train/bare", "step floor", "np fwd/lorac", "np train/lorac", "noise"],
-        [[row["in"], row["N"], row["r"], f"{row['bare_ms']:.3f}", f"{row['lorac_fwd_ms']:.3f}",
-          f"{row['fwd_vs_bare']:.3f}", f"{row['floor']:.4f}", f"{row['merged_vs_bare']:.3f}",
-          f"{row['lorac_train_ms']:.3f}", f"{row['train_vs_bare']:.3f}", f"{row['step_floor_vs_bare']:.3f}",
-          f"{row['numpy_fwd_over_lorac']:.2f}", f"{row['numpy_train_over_lorac']:.2f}",
-          f"{row['bare_copy_vs_bare']:.3f}"] for row in rows])
+    headers = ["in=out", "N", "r", "bare ms", "fwd ms", "fwd/bare", "floor", "merged/bare", "train ms",
+               "train/bare", "step floor", "np fwd/lorac", "np train/lorac", "noise"]
+    table = [[row["in"], row["N"], row["r"], f"{row['bare_ms']:.3f}", f"{row['lorac_fwd_ms']:.3f}",
+              f"{row['fwd_vs_bare']:.3f}", f"{row['floor']:.4f}", f"{row['merged_vs_bare']:.3f}",
+              f"{row['lorac_train_ms']:.3f}", f"{row['train_vs_bare']:.3f}", f"{row['step_floor_vs_bare']:.3f}",
+              f"{row['numpy_fwd_over_lorac']:.2f}", f"{row['numpy_train_over_lorac']:.2f}",
+              f"{row['bare_copy_vs_bare']:.3f}"] for row in rows]
+    if args.processes > 1:  # how far apart the processes' train/bare landed
+        headers.append("train/bare over processes")
+        for cells, row in zip(table, rows):
+            each = [run["train_vs_bare"] for run in row["runs"]]
+            cells.append(f"{min(each):.3f}-{max(each):.3f}")
+    print_table(headers, table)
     failures = check_targets(rows)
     print("\ntargets: " + ("all met" if not failures else f"{len(failures)} missed"))
     for failure in failures:
