@@ -103,7 +103,9 @@ def bench_row_in_processes(size, n, r, repeats, processes, threads):
     for seed in range(processes):
         command = [sys.executable, __file__, "--threads", str(threads), "--one-row", f"{size},{n},{r}",
                    "--seed", str(seed), "--repeats", str(repeats)]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"bench_linear: the worker for in=out={size} N={n} r={r} failed:\n{done.stderr}")
         runs.append(json.loads(done.stdout))
     row = {key: runs[0][key] for key in ("in", "out", "N", "r", "floor")}
     for key in runs[0].keys() - row.keys():  # the timings and ratios
