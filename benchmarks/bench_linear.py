@@ -9,6 +9,8 @@ one thread count for everyone, medians of interleaved repeats:
   noise     bare again on a copy of W, over bare (identical work: how far apart
             two medians of this row can land on this machine)
   lorac     unmerged forward, merged forward (eval), training step (fwd + bwd)
+  C step    the training step's binding calls made directly (lorac._C, no
+            layer Python): the part of the step the kernels are answerable for
   numpy     the same LoRA forward / training step written in plain NumPy
 
 Targets: unmerged forward <= 1.05x bare for N >= 16 at 4096 (floor
@@ -37,6 +39,7 @@ THREADS = set_threads_from_argv()
 import numpy as np  # noqa: E402  (after the thread setting)
 
 import lorac  # noqa: E402
+from _kernel_calls import kernel_train_step  # noqa: E402  (imports lorac: after the thread setting)
 
 
 def numpy_lora_forward(x, w, b, a, bb, s):
@@ -81,6 +84,7 @@ def bench_row(size, n, r, rng, repeats):
         "lorac_fwd": lambda: layer(x),
         "lorac_merged": lambda: merged(x),
         "lorac_train": lorac_train_step,
+        "kernel_train": kernel_train_step(layer, x, g),
         "numpy_fwd": lambda: numpy_lora_forward(x, w, b, a, bb, s),
         "numpy_train": lambda: numpy_lora_train_step(x, g, w, b, a, bb, s, np_grads),
     }, repeats=repeats)
@@ -90,6 +94,7 @@ def bench_row(size, n, r, rng, repeats):
             "fwd_vs_bare": times["lorac_fwd"] / times["bare"],
             "merged_vs_bare": times["lorac_merged"] / times["bare"],
             "train_vs_bare": times["lorac_train"] / times["bare"],
+            "kernel_train_vs_bare": times["kernel_train"] / times["bare"],
             "step_floor_vs_bare": times["bare_step"] / times["bare"],
             "bare_copy_vs_bare": times["bare_copy"] / times["bare"],
             "numpy_fwd_over_lorac": times["numpy_fwd"] / times["lorac_fwd"],
@@ -172,10 +177,11 @@ def main(argv=None):
                     rows.append(bench_row(size, n, r, rng, repeats))
                 print(f"  done in=out={size} N={n} r={r}", file=sys.stderr)
     headers = ["in=out", "N", "r", "bare ms", "fwd ms", "fwd/bare", "floor", "merged/bare", "train ms",
-               "train/bare", "step floor", "np fwd/lorac", "np train/lorac", "noise"]
+               "train/bare", "C step/bare", "step floor", "np fwd/lorac", "np train/lorac", "noise"]
     table = [[row["in"], row["N"], row["r"], f"{row['bare_ms']:.3f}", f"{row['lorac_fwd_ms']:.3f}",
               f"{row['fwd_vs_bare']:.3f}", f"{row['floor']:.4f}", f"{row['merged_vs_bare']:.3f}",
-              f"{row['lorac_train_ms']:.3f}", f"{row['train_vs_bare']:.3f}", f"{row['step_floor_vs_bare']:.3f}",
+              f"{row['lorac_train_ms']:.3f}", f"{row['train_vs_bare']:.3f}", f"{row['kernel_train_vs_bare']:.3f}",
+              f"{row['step_floor_vs_bare']:.3f}",
               f"{row['numpy_fwd_over_lorac']:.2f}", f"{row['numpy_train_over_lorac']:.2f}",
               f"{row['bare_copy_vs_bare']:.3f}"] for row in rows]
     if args.processes > 1:  # how far apart the processes' train/bare landed

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 import lorac  # noqa: E402
 from lorac import _C  # noqa: E402
+from _kernel_calls import kernel_train_step  # noqa: E402  (imports lorac: after the thread setting)
 
 
 def time_single_calls(candidates, rounds, block, evict=None):
@@ -60,14 +61,8 @@ def candidates_for(size, r):
     x = rng.standard_normal((1, size)).astype(np.float32)
     g = rng.standard_normal((1, size)).astype(np.float32)
     w, b, a, bb, s = (layer.weight.data, layer.bias.data, layer.lora_A.data, layer.lora_B.data, layer.scaling)
-    layer(x)
-    layer.backward(g)  # creates the .grad arrays the direct calls accumulate into
-    grad_b, grad_a, grad_bb = layer.bias.grad, layer.lora_A.grad, layer.lora_B.grad
+    kernel_step = kernel_train_step(layer, x, g)
     w_merged = merged.weight.data
-
-    def kernel_step():
-        _, u = _C.linear_forward(x, w, b, a, bb, s, False, None, 1.0)
-        _C.linear_backward(g, x, w, a, bb, u, s, False, None, 1.0, True, None, grad_b, grad_a, grad_bb)
 
     def layer_step():
         layer(x)

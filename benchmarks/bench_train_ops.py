@@ -25,7 +25,6 @@ THREADS = set_threads_from_argv()
 import numpy as np  # noqa: E402  (after the thread setting)
 
 import lorac  # noqa: E402
-from lorac import functional as F  # noqa: E402
 
 try:
     import torch  # noqa: E402
