@@ -5,7 +5,18 @@
  * BLAS implementations disagree on (m, n or k equal to 0) so callers need not.
  * Short op(A) (a small batch) takes one of two faster routes, and k = 1 a
  * third, chosen by measurements with the bundled OpenBLAS 0.3.34 at one
- * thread (below).
+ * thread (below), running its Haswell kernels.
+ *
+ * benchmarks/bench_gemm_routes.py re-measures the routes on the machine at
+ * hand.  The choice depends on which kernels OpenBLAS picks for the CPU: on
+ * an AMD EPYC where it picked SkylakeX (AVX-512) kernels, A B^T by panels
+ * ran 1.5-1.9x faster than a GEMV per row for 2-3 rows at 1024 (at 4096: a
+ * tie at 2 rows, 1.2x at 3) and 1.2x faster than plain GEMM at 64 rows,
+ * while on that same machine with OPENBLAS_CORETYPE=Haswell these constants
+ * were the fastest but at 64 rows, 4096 (panels 1.7-1.9x slower than GEMV
+ * at 2-3 rows; at 64 rows 1.06x slower than GEMM at 1024, 0.84x at 4096).
+ * They stay fixed: no benchmark target is at 2-3 or 33-64 rows, and a
+ * per-CPU table would rest on one machine's figures.
  */
 #ifndef LORAC_GEMV_MAX_ROWS
 #define LORAC_GEMV_MAX_ROWS 3 /* op(A) with at most this many rows: one GEMV per row */

@@ -1,0 +1,119 @@
+"""Are csrc/gemm_impl.h's route constants right for this machine and OpenBLAS?
+
+gemm_rm sends a short batch (m rows) through one of three routes: a GEMV per
+row (m <= LORAC_GEMV_MAX_ROWS), panels of C^T (A B^T with m <=
+LORAC_PANEL_MAX_ROWS) or plain GEMM.  The constants were set from
+measurements with one OpenBLAS on one machine; OpenBLAS picks its kernels by
+CPU at run time (see lorac.show_config()), and on another CPU the best route
+can differ.  This benchmark builds benchmarks/gemm_routes.c -- which
+includes the real gemm_impl.h -- once per route with the constants forced,
+plus once as lorac builds it, and times the two products a batch makes with
+a square float32 weight:
+
+  nt  x W0^T  (the forward; all three routes apply)
+  nn  g W0    (the backward's input gradient; GEMV or plain GEMM)
+
+Each figure is a median over --rounds runs of each binary in rotation (each
+run's figure a median of --repeats).  'lorac/best' above 1 marks a size where
+the built-in choice loses to another route: the constant to revisit.
+
+Needs gcc (or $CC) and the scipy-openblas32 wheel (lorac's build
+requirement: `pip install scipy-openblas32`).
+
+    python benchmarks/bench_gemm_routes.py [--threads 1] [--sizes 1024 4096] [--rows 1 2 3 4 8 16 32 64 128] [--json out.json]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _timing import print_table, set_threads_from_argv
+
+set_threads_from_argv(default=1)
+
+HERE = Path(__file__).resolve().parent
+CSRC = HERE.parent / "csrc"
+FORCE = 1 << 30  # a row limit no batch reaches
+
+# route name -> the -D flags that force it (lorac: gemm_impl.h's own constants)
+ROUTES = {
+    "plain": {"LORAC_GEMV_MAX_ROWS": 0, "LORAC_PANEL_MAX_ROWS": 0},
+    "gemv": {"LORAC_GEMV_MAX_ROWS": FORCE, "LORAC_PANEL_MAX_ROWS": 0},
+    "panel": {"LORAC_GEMV_MAX_ROWS": 0, "LORAC_PANEL_MAX_ROWS": FORCE},
+    "lorac": {},
+}
+
+
+def build(route_flags, out_dir, name):
+    try:
+        import scipy_openblas32 as sob
+    except ImportError:
+        sys.exit("bench_gemm_routes needs the scipy-openblas32 wheel: pip install scipy-openblas32")
+    binary = Path(out_dir) / name
+    lib_dir = sob.get_lib_dir()
+    command = [os.environ.get("CC", "gcc"), "-O2", "-Wall", "-Wextra", f"-I{CSRC}", f"-I{sob.get_include_dir()}",
+               "-DLORAC_BLAS_SCIPY_PREFIX=1", *(f"-D{k}={v}" for k, v in route_flags.items()),
+               str(HERE / "gemm_routes.c"), "-o", str(binary), f"-L{lib_dir}", f"-l{sob.get_library()}",
+               f"-Wl,-rpath,{lib_dir}"]
+    subprocess.run(command, check=True)
+    return binary
+
+
+def run(binary, size, repeats, rows):
+    """{m: (nt seconds, nn seconds)} from one run of a route's binary."""
+    result = subprocess.run([str(binary), str(size), str(repeats), *map(str, rows)], check=True,
+                            capture_output=True, text=True)
+    times = {}
+    for line in result.stdout.split("\n"):
+        if line.strip():
+            m, nt, nn = line.split()
+            times[int(m)] = (float(nt), float(nn))
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32, 64, 128])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", metavar="PATH", help="also write the medians (seconds) as JSON")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        binaries = {name: build(flags, tmp, name) for name, flags in ROUTES.items()}
+        table, records = [], []
+        for size in args.sizes:
+            samples = {name: {m: ([], []) for m in args.rows} for name in ROUTES}
+            for _ in range(args.rounds):
+                for name, binary in binaries.items():
+                    for m, (nt, nn) in run(binary, size, args.repeats, args.rows).items():
+                        samples[name][m][0].append(nt)
+                        samples[name][m][1].append(nn)
+            for m in args.rows:
+                nt = {name: statistics.median(samples[name][m][0]) for name in ROUTES}
+                nn = {name: statistics.median(samples[name][m][1]) for name in ROUTES}
+                records.append({"size": size, "m": m, "nt_seconds": nt, "nn_seconds": nn})
+                table.append([
+                    size, m,
+                    f"{nt['plain'] * 1e3:.3f}", f"{nt['gemv'] / nt['plain']:.2f}",
+                    f"{nt['panel'] / nt['plain']:.2f}", f"{nt['lorac'] / min(nt.values()):.2f}",
+                    f"{nn['plain'] * 1e3:.3f}", f"{nn['gemv'] / nn['plain']:.2f}",
+                    f"{nn['lorac'] / min(nn.values()):.2f}",
+                ])
+    print(f"float32, threads={args.threads}; medians over {args.rounds} rounds of {args.repeats} repeats")
+    print_table(["size", "m", "nt plain ms", "nt gemv/plain", "nt panel/plain", "nt lorac/best",
+                 "nn plain ms", "nn gemv/plain", "nn lorac/best"], table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "rows": records}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+/* gemm_routes.c - times csrc/gemm_impl.h's gemm_rm on the products a batch of
+ * m rows makes with a square weight, so its route constants can be checked
+ * on a new machine or OpenBLAS.  Built and driven by bench_gemm_routes.py,
+ * once per route: the LORAC_GEMV_MAX_ROWS / LORAC_PANEL_MAX_ROWS given with
+ * -D force one route (GEMV per row, panels of C^T, or plain GEMM).
+ *
+ *   usage: gemm_routes SIZE REPEATS M...
+ *   prints one line per M: "M nt_seconds nn_seconds", medians of REPEATS
+ *     nt: C (M, SIZE) = A (M, SIZE) W^T, W (SIZE, SIZE)   (the forward's x W0^T)
+ *     nn: C (M, SIZE) = A (M, SIZE) W                     (the backward's g W0)
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define LORAC_DTYPE 32
+#include "dtype_begin.h"
+#include "gemm_impl.h"
+#include "dtype_end.h"
+
+static double seconds_now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static int by_value(const void *p, const void *q)
+{
+    const double a = *(const double *)p, b = *(const double *)q;
+    return (a > b) - (a < b);
+}
+
+/* Median over `repeats` of the mean time of `inner` calls, after one warm-up. */
+static double median_seconds(enum CBLAS_TRANSPOSE tb, ptrdiff_t m, ptrdiff_t size, const float *a,
+                             const float *w, float *c, int repeats, int inner, double *samples)
+{
+    gemm_rm_f32(CblasNoTrans, tb, m, size, size, 1, a, size, w, size, 0, c, size);
+    for (int rep = 0; rep < repeats; rep++) {
+        const double start = seconds_now();
+        for (int i = 0; i < inner; i++)
+            gemm_rm_f32(CblasNoTrans, tb, m, size, size, 1, a, size, w, size, 0, c, size);
+        samples[rep] = (seconds_now() - start) / inner;
+    }
+    qsort(samples, (size_t)repeats, sizeof(double), by_value);
+    return samples[repeats / 2];
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 4) {
+        fprintf(stderr, "usage: %s SIZE REPEATS M...\n", argv[0]);
+        return 2;
+    }
+    const ptrdiff_t size = atol(argv[1]);
+    const int repeats = atoi(argv[2]);
+    ptrdiff_t max_m = 0;
+    for (int i = 3; i < argc; i++)
+        if (atol(argv[i]) > max_m)
+            max_m = atol(argv[i]);
+    if (size <= 0 || repeats <= 0 || max_m <= 0) {
+        fprintf(stderr, "SIZE, REPEATS and every M must be positive\n");
+        return 2;
+    }
+    float *w = malloc(sizeof(float) * (size_t)(size * size));
+    float *a = malloc(sizeof(float) * (size_t)(max_m * size));
+    float *c = malloc(sizeof(float) * (size_t)(max_m * size));
+    double *samples = malloc(sizeof(double) * (size_t)repeats);
+    if (!w || !a || !c || !samples) {
+        fprintf(stderr, "out of memory\n");
+        return 1;
+    }
+    srand(1);
+    for (ptrdiff_t i = 0; i < size * size; i++)
+        w[i] = (float)rand() / (float)RAND_MAX - 0.5f;
+    for (ptrdiff_t i = 0; i < max_m * size; i++)
+        a[i] = (float)rand() / (float)RAND_MAX - 0.5f;
+
+    for (int i = 3; i < argc; i++) {
+        const ptrdiff_t m = atol(argv[i]);
+        /* about 20 ms of calls per sample: 2 m size^2 flops at a few GFLOP/s */
+        const double flops = 2.0 * (double)m * (double)size * (double)size;
+        const int inner = flops > 4e7 ? 1 : (int)(4e7 / flops) + 1;
+        const double nt = median_seconds(CblasTrans, m, size, a, w, c, repeats, inner, samples);
+        const double nn = median_seconds(CblasNoTrans, m, size, a, w, c, repeats, inner, samples);
+        printf("%td %.9g %.9g\n", m, nt, nn);
+    }
+    free(w);
+    free(a);
+    free(c);
+    free(samples);
+    return 0;
+}
