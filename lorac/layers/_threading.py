@@ -57,13 +57,16 @@ def load_cache(layer):
     return getattr(layer.__dict__.get("_tls"), "cache", None)
 
 
+def thread_state(layer):
+    """The layer's threading.local holding each thread's forward cache
+    (created on first use)."""
+    return _lazy(layer, "_tls", threading.local)
+
+
 def store_cache(layer, value):
     """layer._cache = value for this thread, without the ~0.3 us of
     Module.__setattr__ and the descriptor (forward/backward's hot path)."""
-    tls = layer.__dict__.get("_tls")
-    if tls is None:
-        tls = _lazy(layer, "_tls", threading.local)
-    tls.cache = value
+    (layer.__dict__.get("_tls") or thread_state(layer)).cache = value
 
 
 class PerThreadCache:
