@@ -15,7 +15,10 @@ a square float32 weight:
 
 Each figure is a median over --rounds runs of each binary in rotation (each
 run's figure a median of --repeats).  'lorac/best' above 1 marks a size where
-the built-in choice loses to another route: the constant to revisit.
+the built-in choice loses to another route: the constant to revisit.  Each
+route is a separate process, and identical code has measured up to 1.3x
+apart at the sub-millisecond sizes (where its arrays land in memory): trust
+a consistent margin across rows and runs, not one cell; add --rounds.
 
 Needs gcc (or $CC) and the scipy-openblas32 wheel (lorac's build
 requirement: `pip install scipy-openblas32`).
