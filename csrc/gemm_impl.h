@@ -13,8 +13,9 @@
  * ran 1.5-1.9x faster than a GEMV per row for 2-3 rows at 1024 (at 4096: a
  * tie at 2 rows, 1.2x at 3) and 1.2x faster than plain GEMM at 64 rows,
  * while on that same machine with OPENBLAS_CORETYPE=Haswell these constants
- * were the fastest but at 64 rows, 4096 (panels 1.7-1.9x slower than GEMV
- * at 2-3 rows; at 64 rows 1.06x slower than GEMM at 1024, 0.84x at 4096).
+ * were the fastest or within 6% but at 64 rows, 4096 (panels 1.7-1.9x
+ * slower than GEMV at 2-3 rows at 1024; at 64 rows 1.06x slower than GEMM
+ * at 1024, 0.84x at 4096).
  * They stay fixed: no benchmark target is at 2-3 or 33-64 rows, and a
  * per-CPU table would rest on one machine's figures.
  */
