@@ -112,15 +112,15 @@ def test_backward_pairs_with_its_own_threads_forward():
     assert layer.backward(np.ones((2, 4))).shape == (2, 6)
 
 
-
-@pytest.mark.parametrize("layer", [lorac.Linear(6, 4, r=2, dtype=np.float64, rng=0),
-                                   lorac.MergedLinear(6, 4, r=2, enable_lora=[True, False],
-                                                      dtype=np.float64, rng=0)],
-                         ids=["Linear", "MergedLinear"])
-def test_backward_refuses_a_forward_that_another_thread_merged_under(layer):
+@pytest.mark.parametrize("make_layer", [
+    lambda: lorac.Linear(6, 4, r=2, dtype=np.float64, rng=0),
+    lambda: lorac.MergedLinear(6, 4, r=2, enable_lora=[True, False], dtype=np.float64, rng=0),
+], ids=["Linear", "MergedLinear"])
+def test_backward_refuses_a_forward_that_another_thread_merged_under(make_layer):
     """Merging clears only the merging thread's forward cache: a forward taken
     in another thread before the merge must be refused, not differentiated
     against the merged weight (its u and adapter no longer apply)."""
+    layer = make_layer()
     x = np.ones((2, 6))
     layer(x)
     run_in_threads(lambda: layer.eval(), [()])
@@ -130,6 +130,7 @@ def test_backward_refuses_a_forward_that_another_thread_merged_under(layer):
         layer.backward(np.ones((2, 4)))
     assert layer.lora_A.grad is state[1] and layer.lora_B.grad is state[2]
     np.testing.assert_array_equal(layer.weight.data, state[0])
+
 
 @pytest.mark.skipif(os.environ.get("LORAC_UNDER_SANITIZER") == "1", reason="timing under ASan")
 def test_kernels_release_the_gil(one_blas_thread):
