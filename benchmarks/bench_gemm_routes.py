@@ -13,6 +13,10 @@ a square float32 weight:
   nt  x W0^T  (the forward; all three routes apply)
   nn  g W0    (the backward's input gradient; GEMV or plain GEMM)
 
+A second table times the k = 1 product of a one-row batch's dB += g^T u,
+(out, r), with and without gemm_rm's transposed-row route for it
+(LORAC_K1_TRANSPOSED_ROW), for out = each size and r = --ranks.
+
 Each figure is a median over --rounds runs of each binary in rotation (each
 run's figure a median of --repeats).  'lorac/best' above 1 marks a size where
 the built-in choice loses to another route: the constant to revisit.  Each
@@ -23,7 +27,8 @@ a consistent margin across rows and runs, not one cell; add --rounds.
 Needs gcc (or $CC) and the scipy-openblas32 wheel (lorac's build
 requirement: `pip install scipy-openblas32`).
 
-    python benchmarks/bench_gemm_routes.py [--threads 1] [--sizes 1024 4096] [--rows 1 2 3 4 8 16 32 64 128] [--json out.json]
+    python benchmarks/bench_gemm_routes.py [--threads 1] [--sizes 1024 4096] [--rows 1 2 3 4 8 16 32 64 128]
+        [--ranks 4 8 12 16 24 32 64] [--json out.json]
 """
 
 import argparse
@@ -50,6 +55,7 @@ ROUTES = {
     "panel": {"LORAC_GEMV_MAX_ROWS": 0, "LORAC_PANEL_MAX_ROWS": FORCE},
     "lorac": {},
 }
+K1_PLAIN = {"LORAC_K1_TRANSPOSED_ROW": 0}  # dB's k = 1 product always as (T, N)
 
 
 def build(route_flags, out_dir, name):
@@ -79,11 +85,36 @@ def run(binary, size, repeats, rows):
     return times
 
 
+def run_k1(binary, size, repeats, ranks):
+    """{r: seconds of dB (size, r) += g^T u} from one run of a binary."""
+    result = subprocess.run([str(binary), "k1", str(size), str(repeats), *map(str, ranks)], check=True,
+                            capture_output=True, text=True)
+    return {int(r): float(t) for r, t in (line.split() for line in result.stdout.split("\n") if line.strip())}
+
+
+def measure_k1(binaries, sizes, ranks, repeats, rounds):
+    """Table rows and JSON records for dB's k = 1 product, lorac's route vs plain (T, N)."""
+    table, records = [], []
+    for size in sizes:
+        samples = {name: {r: [] for r in ranks} for name in binaries}
+        for _ in range(rounds):
+            for name, binary in binaries.items():
+                for r, seconds in run_k1(binary, size, repeats, ranks).items():
+                    samples[name][r].append(seconds)
+        for r in ranks:
+            t = {name: statistics.median(samples[name][r]) for name in binaries}
+            records.append({"size": size, "r": r, "seconds": t})
+            table.append([size, r, f"{t['plain'] * 1e6:.2f}", f"{t['lorac'] * 1e6:.2f}",
+                          f"{t['lorac'] / t['plain']:.2f}"])
+    return table, records
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32, 64, 128])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 12, 16, 24, 32, 64])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", metavar="PATH", help="also write the medians (seconds) as JSON")
@@ -110,12 +141,17 @@ def main():
                     f"{nn['plain'] * 1e3:.3f}", f"{nn['gemv'] / nn['plain']:.2f}",
                     f"{nn['lorac'] / min(nn.values()):.2f}",
                 ])
+        k1_binaries = {"plain": build(K1_PLAIN, tmp, "k1_plain"), "lorac": binaries["lorac"]}
+        k1_table, k1_records = measure_k1(k1_binaries, args.sizes, args.ranks, args.repeats, args.rounds)
     print(f"float32, threads={args.threads}; medians over {args.rounds} rounds of {args.repeats} repeats")
     print_table(["size", "m", "nt plain ms", "nt gemv/plain", "nt panel/plain", "nt lorac/best",
                  "nn plain ms", "nn gemv/plain", "nn lorac/best"], table)
+    print()
+    print("dB (out, r) += g^T u for one row (k = 1): (T, N) as given vs lorac's route")
+    print_table(["out", "r", "(T, N) us", "lorac us", "lorac/(T, N)"], k1_table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "rows": records}, f, indent=1)
+            json.dump({"threads": args.threads, "rows": records, "k1_rows": k1_records}, f, indent=1)
 
 
 if __name__ == "__main__":

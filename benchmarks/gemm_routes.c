@@ -8,6 +8,11 @@
  *   prints one line per M: "M nt_seconds nn_seconds", medians of REPEATS
  *     nt: C (M, SIZE) = A (M, SIZE) W^T, W (SIZE, SIZE)   (the forward's x W0^T)
  *     nn: C (M, SIZE) = A (M, SIZE) W                     (the backward's g W0)
+ *
+ *   usage: gemm_routes k1 SIZE REPEATS R...
+ *   prints one line per R: "R seconds", medians of REPEATS of
+ *     C (SIZE, R) += g^T u, g (1, SIZE), u (1, R)    (dB for a one-row batch)
+ *   (its route is switched off with -DLORAC_K1_TRANSPOSED_ROW=0)
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,8 +52,64 @@ static double median_seconds(enum CBLAS_TRANSPOSE tb, ptrdiff_t m, ptrdiff_t siz
     return samples[repeats / 2];
 }
 
+/* Median over `repeats` of the mean time of 1000 calls of C (size, r) += g^T u. */
+static double k1_median_seconds(ptrdiff_t size, ptrdiff_t r, const float *g, const float *u, float *c,
+                                int repeats, double *samples)
+{
+    enum { inner = 1000 };
+    for (int rep = 0; rep < repeats; rep++) {
+        const double start = seconds_now();
+        for (int i = 0; i < inner; i++)
+            gemm_rm_f32(CblasTrans, CblasNoTrans, size, r, 1, 1e-3f, g, size, u, r, 1, c, r);
+        samples[rep] = (seconds_now() - start) / inner;
+    }
+    qsort(samples, (size_t)repeats, sizeof(double), by_value);
+    return samples[repeats / 2];
+}
+
+static int k1_main(int argc, char **argv)
+{
+    if (argc < 5) {
+        fprintf(stderr, "usage: %s k1 SIZE REPEATS R...\n", argv[0]);
+        return 2;
+    }
+    const ptrdiff_t size = atol(argv[2]);
+    const int repeats = atoi(argv[3]);
+    ptrdiff_t max_r = 0;
+    for (int i = 4; i < argc; i++)
+        if (atol(argv[i]) > max_r)
+            max_r = atol(argv[i]);
+    if (size <= 0 || repeats <= 0 || max_r <= 0) {
+        fprintf(stderr, "SIZE, REPEATS and every R must be positive\n");
+        return 2;
+    }
+    float *g = malloc(sizeof(float) * (size_t)size);
+    float *u = malloc(sizeof(float) * (size_t)max_r);
+    float *c = calloc((size_t)(size * max_r), sizeof(float));
+    double *samples = malloc(sizeof(double) * (size_t)repeats);
+    if (!g || !u || !c || !samples) {
+        fprintf(stderr, "out of memory\n");
+        return 1;
+    }
+    for (ptrdiff_t i = 0; i < size; i++)
+        g[i] = (float)(i % 7) - 3.0f;
+    for (ptrdiff_t j = 0; j < max_r; j++)
+        u[j] = (float)(j % 5) - 2.0f;
+    for (int i = 4; i < argc; i++) {
+        const ptrdiff_t r = atol(argv[i]);
+        printf("%td %.9g\n", r, k1_median_seconds(size, r, g, u, c, repeats, samples));
+    }
+    free(g);
+    free(u);
+    free(c);
+    free(samples);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc > 1 && strcmp(argv[1], "k1") == 0)
+        return k1_main(argc, argv);
     if (argc < 4) {
         fprintf(stderr, "usage: %s SIZE REPEATS M...\n", argv[0]);
         return 2;

@@ -29,6 +29,10 @@
 #define LORAC_GER_ANY_COLS_MAX_ROWS 32   /* or for at most this many rows */
 #define LORAC_PANEL_COLS 256   /* columns of C per panel */
 #define LORAC_PANEL_MIN_DEPTH 128 /* k below this: plain GEMM (panels measured 1.6-2.1x slower at k = 16) */
+#define LORAC_VECTOR_REALS (64 / (int)sizeof(real)) /* elements in a 512-bit vector */
+#ifndef LORAC_K1_TRANSPOSED_ROW
+#define LORAC_K1_TRANSPOSED_ROW 1 /* k = 1: a row b (1, n) passed as B^T (n, 1) (0: never; see gemm_rm) */
+#endif
 
 /* C (m, n) = alpha A B^T + beta C for a short A (m, k) against a wide
  * B (n, k), e.g. a small batch through W0 (out, in): computed panel by panel
@@ -112,6 +116,21 @@ static inline void FN(gemm_rm)(enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
     if (k == 1 && beta == 1 && (n >= LORAC_GER_MIN_COLS || m <= LORAC_GER_ANY_COLS_MAX_ROWS)) {
         GER(CblasRowMajor, (blasint)m, (blasint)n, alpha, a, (blasint)(a_t ? 1 : lda), b,
             (blasint)(b_t ? ldb : 1), c, (blasint)ldc);
+        return;
+    }
+    /* Any other k = 1 (dB += g^T u for a one-row batch: many rows of r
+     * columns): the row b (1, n) is equally B^T stored (n, 1) with ld 1.
+     * OpenBLAS 0.3.34's SkylakeX small-matrix GEMM runs that form 1.6-3.6x
+     * faster when n is not a whole number of 512-bit vectors (sgemm dB
+     * (1024, 8): 2.1 us against 6.8, (4096, 8): 9.7 against 35; n = 4-24 at
+     * 256-4096 rows; dgemm likewise for n of 4, 12, 20), but up to 2x slower
+     * when it is (n = 16: 2.1 us against 1.1).  Its Haswell kernels run both
+     * forms alike (0.9-1.1x but for one cell each way).  The route saves a
+     * one-row r = 8 training step at 1024 about 5 us (of ~145); re-measured by
+     * benchmarks/bench_gemm_routes.py. */
+    if (LORAC_K1_TRANSPOSED_ROW && k == 1 && !b_t && n >= 3 && n % LORAC_VECTOR_REALS != 0) {
+        GEMM(CblasRowMajor, ta, CblasTrans, (blasint)m, (blasint)n, 1, alpha, a, (blasint)lda, b, 1,
+             beta, c, (blasint)ldc);
         return;
     }
     if (!a_t && b_t && m <= LORAC_PANEL_MAX_ROWS && k >= LORAC_PANEL_MIN_DEPTH &&
