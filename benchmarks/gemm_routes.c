@@ -67,22 +67,34 @@ static double k1_median_seconds(ptrdiff_t size, ptrdiff_t r, const float *g, con
     return samples[repeats / 2];
 }
 
+/* argv[first], argv[first + 1]: SIZE and REPEATS, then the counts (M or R).
+ * Returns 0 with the largest count in *max_count, or 2 after printing why not. */
+static int parse_arguments(int argc, char **argv, int first, const char *usage, ptrdiff_t *size,
+                           int *repeats, ptrdiff_t *max_count)
+{
+    if (argc < first + 3) {
+        fprintf(stderr, "usage: %s %s\n", argv[0], usage);
+        return 2;
+    }
+    *size = atol(argv[first]);
+    *repeats = atoi(argv[first + 1]);
+    *max_count = 0;
+    for (int i = first + 2; i < argc; i++)
+        if (atol(argv[i]) > *max_count)
+            *max_count = atol(argv[i]);
+    if (*size <= 0 || *repeats <= 0 || *max_count <= 0) {
+        fprintf(stderr, "SIZE, REPEATS and every count must be positive\n");
+        return 2;
+    }
+    return 0;
+}
+
 static int k1_main(int argc, char **argv)
 {
-    if (argc < 5) {
-        fprintf(stderr, "usage: %s k1 SIZE REPEATS R...\n", argv[0]);
+    ptrdiff_t size, max_r;
+    int repeats;
+    if (parse_arguments(argc, argv, 2, "k1 SIZE REPEATS R...", &size, &repeats, &max_r) != 0)
         return 2;
-    }
-    const ptrdiff_t size = atol(argv[2]);
-    const int repeats = atoi(argv[3]);
-    ptrdiff_t max_r = 0;
-    for (int i = 4; i < argc; i++)
-        if (atol(argv[i]) > max_r)
-            max_r = atol(argv[i]);
-    if (size <= 0 || repeats <= 0 || max_r <= 0) {
-        fprintf(stderr, "SIZE, REPEATS and every R must be positive\n");
-        return 2;
-    }
     float *g = malloc(sizeof(float) * (size_t)size);
     float *u = malloc(sizeof(float) * (size_t)max_r);
     float *c = calloc((size_t)(size * max_r), sizeof(float));
@@ -110,20 +122,10 @@ int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "k1") == 0)
         return k1_main(argc, argv);
-    if (argc < 4) {
-        fprintf(stderr, "usage: %s SIZE REPEATS M...\n", argv[0]);
+    ptrdiff_t size, max_m;
+    int repeats;
+    if (parse_arguments(argc, argv, 1, "SIZE REPEATS M...", &size, &repeats, &max_m) != 0)
         return 2;
-    }
-    const ptrdiff_t size = atol(argv[1]);
-    const int repeats = atoi(argv[2]);
-    ptrdiff_t max_m = 0;
-    for (int i = 3; i < argc; i++)
-        if (atol(argv[i]) > max_m)
-            max_m = atol(argv[i]);
-    if (size <= 0 || repeats <= 0 || max_m <= 0) {
-        fprintf(stderr, "SIZE, REPEATS and every M must be positive\n");
-        return 2;
-    }
     float *w = malloc(sizeof(float) * (size_t)(size * size));
     float *a = malloc(sizeof(float) * (size_t)(max_m * size));
     float *c = malloc(sizeof(float) * (size_t)(max_m * size));
