@@ -123,12 +123,12 @@ static inline void FN(gemm_rm)(enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
      * OpenBLAS 0.3.34's SkylakeX small-matrix GEMM runs that form 1.6-3.6x
      * faster when n is not a whole number of 512-bit vectors: sgemm dB
      * (1024, 8) 2.1 us against 6.8, (4096, 8) 9.7 against 35, likewise for
-     * n = 4-24 at 256-4096 rows (n = 3: 0.6-1.1x the time), and dgemm for n of 4, 12
-     * and 20.  It is up to 2x slower when n is a whole number of vectors
-     * (n = 16: 2.1 us against 1.1).  Its Haswell kernels run both forms alike
-     * (0.9-1.1x but for one cell each way).  The route saves a one-row r = 8
-     * training step at 1024 about 5 us (of ~145); re-measured by
-     * benchmarks/bench_gemm_routes.py. */
+     * n = 4-24 at 256-4096 rows (n = 3: 0.6-1.1x the time), and dgemm for
+     * n of 4, 12 and 20.  It is up to 2x slower when n is a whole number of
+     * vectors (n = 16: 2.1 us against 1.1).  Its Haswell kernels run both
+     * forms alike (0.9-1.1x but for one cell each way).  The route saves a
+     * one-row r = 8 training step at 1024 about 5 us (of ~145); re-measured
+     * by benchmarks/bench_gemm_routes.py. */
     if (LORAC_K1_TRANSPOSED_ROW && k == 1 && !b_t && n >= 3 && n % LORAC_VECTOR_REALS != 0) {
         GEMM(CblasRowMajor, ta, CblasTrans, (blasint)m, (blasint)n, 1, alpha, a, (blasint)lda, b, 1,
              beta, c, (blasint)ldc);
