@@ -73,23 +73,20 @@ def build(route_flags, out_dir, name):
     return binary
 
 
+def output_rows(binary, *args):
+    """The whitespace-split lines a run of `binary` with `args` prints."""
+    result = subprocess.run([str(binary), *map(str, args)], check=True, capture_output=True, text=True)
+    return [line.split() for line in result.stdout.split("\n") if line.strip()]
+
+
 def run(binary, size, repeats, rows):
     """{m: (nt seconds, nn seconds)} from one run of a route's binary."""
-    result = subprocess.run([str(binary), str(size), str(repeats), *map(str, rows)], check=True,
-                            capture_output=True, text=True)
-    times = {}
-    for line in result.stdout.split("\n"):
-        if line.strip():
-            m, nt, nn = line.split()
-            times[int(m)] = (float(nt), float(nn))
-    return times
+    return {int(m): (float(nt), float(nn)) for m, nt, nn in output_rows(binary, size, repeats, *rows)}
 
 
 def run_k1(binary, size, repeats, ranks):
     """{r: seconds of dB (size, r) += g^T u} from one run of a binary."""
-    result = subprocess.run([str(binary), "k1", str(size), str(repeats), *map(str, ranks)], check=True,
-                            capture_output=True, text=True)
-    return {int(r): float(t) for r, t in (line.split() for line in result.stdout.split("\n") if line.strip())}
+    return {int(r): float(t) for r, t in output_rows(binary, "k1", size, repeats, *ranks)}
 
 
 def measure_k1(binaries, sizes, ranks, repeats, rounds):

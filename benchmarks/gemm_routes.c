@@ -37,6 +37,13 @@ static int by_value(const void *p, const void *q)
     return (a > b) - (a < b);
 }
 
+/* The median of samples[0..repeats), sorting them in place. */
+static double median_of(double *samples, int repeats)
+{
+    qsort(samples, (size_t)repeats, sizeof(double), by_value);
+    return samples[repeats / 2];
+}
+
 /* Median over `repeats` of the mean time of `inner` calls, after one warm-up. */
 static double median_seconds(enum CBLAS_TRANSPOSE tb, ptrdiff_t m, ptrdiff_t size, const float *a,
                              const float *w, float *c, int repeats, int inner, double *samples)
@@ -48,8 +55,7 @@ static double median_seconds(enum CBLAS_TRANSPOSE tb, ptrdiff_t m, ptrdiff_t siz
             gemm_rm_f32(CblasNoTrans, tb, m, size, size, 1, a, size, w, size, 0, c, size);
         samples[rep] = (seconds_now() - start) / inner;
     }
-    qsort(samples, (size_t)repeats, sizeof(double), by_value);
-    return samples[repeats / 2];
+    return median_of(samples, repeats);
 }
 
 /* Median over `repeats` of the mean time of 1000 calls of C (size, r) += g^T u. */
@@ -63,8 +69,7 @@ static double k1_median_seconds(ptrdiff_t size, ptrdiff_t r, const float *g, con
             gemm_rm_f32(CblasTrans, CblasNoTrans, size, r, 1, 1e-3f, g, size, u, r, 1, c, r);
         samples[rep] = (seconds_now() - start) / inner;
     }
-    qsort(samples, (size_t)repeats, sizeof(double), by_value);
-    return samples[repeats / 2];
+    return median_of(samples, repeats);
 }
 
 /* argv[first], argv[first + 1]: SIZE and REPEATS, then the counts (M or R).
