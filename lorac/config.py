@@ -1,8 +1,19 @@
 """BLAS runtime: which OpenBLAS lorac uses and how many threads it runs."""
 
+import glob
+import os
 import sys
 
-from . import _C
+try:
+    from . import _C
+except ImportError as error:  # lorac/ without its built extension, e.g. the source tree on sys.path
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if glob.glob(os.path.join(_here, "_C.*")):
+        raise
+    raise ImportError(f"lorac's C extension lorac._C is not built in {_here}: that is the source tree "
+                      "(on sys.path as the working directory?); install lorac (pip install .) and import "
+                      "it from elsewhere or with python -P, or build in place for development (python "
+                      "setup.py build_ext --inplace)") from error
 
 
 def blas_info():

@@ -1,5 +1,10 @@
 """Module / Parameter / Sequential bookkeeping and loralib's model-level helpers."""
 
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -143,3 +148,16 @@ def test_blas_threads_and_config(capsys):
     lorac.show_config()
     out = capsys.readouterr().out
     assert "BLAS:" in out and "OpenBLAS" in out and lorac.__version__ in out and "threads:" in out
+
+
+def test_a_source_tree_without_the_extension_says_so(tmp_path):
+    """Importing lorac/ with no built _C (the source tree from its root, say)
+    names the missing extension and the way out, not a circular import."""
+    package = os.path.dirname(lorac.__file__)
+    shutil.copytree(package, tmp_path / "lorac", ignore=shutil.ignore_patterns("_C.*", "*.so", "__pycache__"))
+    code = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import lorac"
+    # -S: no site-packages, so neither an installed lorac nor an editable install's finder answers
+    done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode != 0
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert "lorac._C is not built in" in last_line and "pip install ." in last_line, done.stderr
