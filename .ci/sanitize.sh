@@ -35,12 +35,27 @@ export PYTHONMALLOC=malloc        # every Python allocation goes through ASan's 
 export PYTHONPATH="$work"
 export LORAC_UNDER_SANITIZER=1    # tests that measure RSS or time skip themselves
 
-set +e
-python3 -m pytest -q -p no:cacheprovider "$work/tests" "$@" 2>&1 | tee "$work/sanitize.log"
-status=${PIPESTATUS[0]}
-set -e
-if grep -qE "ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:" "$work/sanitize.log"; then
-    echo "sanitize: sanitizer report found (see above)" >&2
-    exit 1
-fi
-exit "$status"
+# LeakSanitizer's stop-the-world tracer sometimes crashes at exit, after the
+# suite has passed ("Tracer caught signal 11 ... LeakSanitizer has encountered a
+# fatal error", exit code 86, no leak report): seen once in two runs of this
+# suite on a Zen 5 VM (kernel 6.18), and a known intermittent failure of LSan
+# itself (google/sanitizers#1353).  The leak check did not run then, so the
+# suite runs once more; any other failure, or the crash twice, fails.
+for attempt in 1 2; do
+    set +e
+    python3 -m pytest -q -p no:cacheprovider "$work/tests" "$@" 2>&1 | tee "$work/sanitize.log"
+    status=${PIPESTATUS[0]}
+    set -e
+    if grep -qE "ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:" "$work/sanitize.log"; then
+        echo "sanitize: sanitizer report found (see above)" >&2
+        exit 1
+    fi
+    if [ "$status" -eq 86 ] && [ "$attempt" -eq 1 ] \
+        && grep -q "LeakSanitizer has encountered a fatal error" "$work/sanitize.log" \
+        && tail -n 5 "$work/sanitize.log" | grep -qE "^[0-9]+ passed" \
+        && ! tail -n 5 "$work/sanitize.log" | grep -qE "[0-9]+ (failed|error)"; then
+        echo "sanitize: LeakSanitizer's tracer crashed after a passing suite; running it again for the leak check" >&2
+        continue
+    fi
+    exit "$status"
+done
