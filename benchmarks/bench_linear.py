@@ -166,8 +166,10 @@ def main(argv=None):
     sizes = [1024] if args.quick else [1024, 4096]
     batches = [1, 16, 256] if args.quick else [1, 16, 256, 2048]
     rng = np.random.default_rng(0)
-    print(f"lorac {lorac.__version__}, {lorac.blas_info()['name']}, threads={lorac.get_num_threads()}, "
-          f"numpy {np.__version__}; times are medians of {args.repeats} interleaved repeats "
+    blas = lorac.blas_info()
+    print(f"lorac {lorac.__version__}, {blas['name']} ({blas['corename']} kernels), "
+          f"threads={lorac.get_num_threads()}, numpy {np.__version__}; "
+          f"times are medians of {args.repeats} interleaved repeats "
           f"({args.small_repeats} for rows of <= 2^28 multiply-adds)"
           + (f" in each of {args.processes} processes, then medians over the processes"
              if args.processes > 1 else ""))
