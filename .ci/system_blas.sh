@@ -9,6 +9,6 @@ python3 -m venv "$venv"
 # shellcheck disable=SC1091
 source "$venv/bin/activate"
 LORAC_BLAS=system pip install ".[test]"
-# -P: not the source tree in the working directory (it has no built _C) but the installed package
-python -P -c "import lorac; lorac.show_config()" | tee /dev/stderr | grep -q "system"
+# from another directory: the source tree's lorac/ (no built _C) would shadow the installed package
+(cd "$(mktemp -d)" && python -c "import lorac; lorac.show_config()") | tee /dev/stderr | grep -q "system"
 pytest tests/test_linear_kernels.py tests/test_linear_layer.py tests/test_linear_bad_input.py tests/test_module.py
