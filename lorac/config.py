@@ -1,6 +1,6 @@
 """BLAS runtime: which OpenBLAS lorac uses and how many threads it runs."""
 
-import glob
+import importlib.machinery
 import os
 import sys
 
@@ -8,12 +8,13 @@ try:
     from . import _C
 except ImportError as error:  # lorac/ without its built extension, e.g. the source tree on sys.path
     _here = os.path.dirname(os.path.abspath(__file__))
-    if glob.glob(os.path.join(_here, "_C.*")):
-        raise
-    raise ImportError(f"lorac's C extension lorac._C is not built in {_here}: that is the source tree "
-                      "(on sys.path as the working directory?); install lorac (pip install .) and import "
-                      "it from elsewhere or with python -P, or build in place for development (python "
-                      "setup.py build_ext --inplace)") from error
+    if any(os.path.exists(os.path.join(_here, "_C" + suffix))
+           for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+        raise  # built for this Python but failed to load: the loader's own message says why
+    raise ImportError(f"lorac's C extension lorac._C is not built for this Python in {_here}: the source "
+                      "tree on sys.path (as the working directory?) shadows an installed lorac; install it "
+                      "(pip install .) and import it from another directory, or build in place for "
+                      "development (python setup.py build_ext --inplace)") from error
 
 
 def blas_info():

@@ -160,4 +160,4 @@ def test_a_source_tree_without_the_extension_says_so(tmp_path):
     done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode != 0
     last_line = done.stderr.strip().splitlines()[-1]
-    assert "lorac._C is not built in" in last_line and "pip install ." in last_line, done.stderr
+    assert "lorac._C is not built for this Python" in last_line and "pip install ." in last_line, done.stderr
