@@ -17,6 +17,7 @@ import functools
 import threading
 
 _CREATE = threading.Lock()  # guards the lazy creation of per-layer state
+_THREAD_STATE = ("_lock", "_tls", "_cache")  # instance-dict keys never copied from one layer to another
 
 
 def _lazy(obj, key, factory):
@@ -37,9 +38,8 @@ def layer_lock(layer):
 def forget_thread_state(layer):
     """For a layer built by copying another's __dict__: drop the copied lock
     and per-thread caches so the copy gets its own."""
-    layer.__dict__.pop("_lock", None)
-    layer.__dict__.pop("_tls", None)
-    layer.__dict__.pop("_cache", None)
+    for key in _THREAD_STATE:
+        layer.__dict__.pop(key, None)
 
 
 def locked(method):
@@ -78,3 +78,18 @@ class PerThreadCache:
 
     def __set__(self, layer, value):
         store_cache(layer, value)
+
+
+class ThreadState:
+    """Mixin of the layers under these rules: the per-thread forward cache
+    (``_cache``), and copies made by copy.copy, copy.deepcopy or pickle
+    without the lock and the caches (a lock and a threading.local cannot be
+    pickled, and a copy's backward must follow a forward of its own)."""
+
+    _cache = PerThreadCache()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for key in _THREAD_STATE:
+            state.pop(key, None)
+        return state

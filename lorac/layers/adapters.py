@@ -43,7 +43,7 @@ import numpy as np
 from .._arrays import as_generator, non_negative_int, probability, real_number
 from ..module import Parameter
 from ._grads import GradBuffers
-from ._threading import PerThreadCache, locked
+from ._threading import ThreadState, locked
 from ._lora_init import check_init, init_adapter
 
 DEFAULT = "default"
@@ -142,7 +142,7 @@ def mixed_batch(layers_tables, ids):
         _TLS.batch = previous
 
 
-class NamedAdapters:
+class NamedAdapters(ThreadState):
     """Mixin of LoRALayer: several named adapters on one base weight (module doc).
 
     A layer class provides ``_adapter_geometry()`` -> (groups, fan_in, og,
@@ -152,7 +152,6 @@ class NamedAdapters:
     ``_mixed_forward``."""
 
     _named_adapters = True   # layer kinds without named adapters (MoLoRALinear) set False
-    _cache = PerThreadCache()  # the forward cache, one per thread (layers/_threading.py)
 
     def _init_adapters(self):
         """(Re)set the adapter bookkeeping to "default" only (called by _init_lora)."""

@@ -10,7 +10,7 @@ from .. import init
 from .._arrays import as_float_array, as_generator, check_last_dim, float_dtype, non_negative_int, \
     probability, real_number
 from ..module import Module, Parameter
-from ._threading import PerThreadCache, locked
+from ._threading import ThreadState, locked
 from ._grads import GradBuffers
 
 # What backward needs from a forward: the 2-D input, u = drop(x) A^T, the
@@ -19,7 +19,7 @@ from ._grads import GradBuffers
 _ForwardCache = namedtuple("_ForwardCache", ["x", "u", "probs", "gates", "mask", "keep_scale", "lead_shape", "aux"])
 
 
-class MoLoRALinear(Module):
+class MoLoRALinear(ThreadState, Module):
     """y = x W0^T + b + s * (u * expand(g)) B^T, u = dropout(x) A^T, g = router gates.
 
     The rank-r adapter (``lora_A`` (r, in), ``lora_B`` (out, r)) is split
@@ -45,8 +45,6 @@ class MoLoRALinear(Module):
     weight (``eval()`` changes only dropout); mixed batches and named
     adapters are for the plain LoRA layers.
     """
-
-    _cache = PerThreadCache()  # the forward cache, one per thread (layers/_threading.py)
 
     _mixed_batch_unsupported = True  # lorac.adapters refuses adapter_names / adapter_ids
 
