@@ -160,6 +160,45 @@ class Module:
         for _, module in self.named_modules():
             yield module
 
+    def get_submodule(self, target):
+        """The module at dotted path `target` ("" is this module), as in torch."""
+        if not isinstance(target, str):
+            raise TypeError(f"get_submodule: target must be a dotted str path, got {type(target).__name__}")
+        module, walked = self, []
+        for name in target.split(".") if target else []:
+            child = module._modules.get(name)
+            if child is None:
+                owner = f"{_where('.'.join(walked))} ({type(module).__name__})"
+                if module._parameters.get(name) is not None:
+                    raise AttributeError(f"get_submodule({target!r}): {name!r} is a parameter of {owner}, "
+                                         "not a module")
+                raise AttributeError(f"get_submodule({target!r}): {name!r} is not a child of {owner}, whose "
+                                     f"children are {[n for n, _ in module.named_children()]}")
+            module = child
+            walked.append(name)
+        return module
+
+    def get_parameter(self, target):
+        """The Parameter at dotted path `target` (e.g. "0.lora_A"), as in torch."""
+        if not isinstance(target, str):
+            raise TypeError(f"get_parameter: target must be a dotted str path, got {type(target).__name__}")
+        module_path, _, name = target.rpartition(".")
+        module = self.get_submodule(module_path)
+        param = module._parameters.get(name)
+        if param is None:
+            raise AttributeError(f"get_parameter({target!r}): {name!r} is not a parameter of "
+                                 f"{_where(module_path)} "
+                                 f"({type(module).__name__}), whose parameters are "
+                                 f"{[n for n, p in module._parameters.items() if p is not None]}")
+        return param
+
+    def apply(self, fn):
+        """Call fn on every child module, recursively, then on this one; returns self (torch's order)."""
+        for child in self.children():
+            child.apply(fn)
+        fn(self)
+        return self
+
     def named_parameters(self, prefix="", recurse=True):
         seen = set()
         modules = self.named_modules(prefix) if recurse else [(prefix, self)]
@@ -240,7 +279,9 @@ class Module:
 
     # -- modes and gradients ---------------------------------------------
     def train(self, mode=True):
-        object.__setattr__(self, "training", bool(mode))
+        if not isinstance(mode, bool):
+            raise ValueError(f"train(mode): mode must be a bool, got {type(mode).__name__} {mode!r}")
+        object.__setattr__(self, "training", mode)
         for child in self.children():
             child.train(mode)
         return self
@@ -274,6 +315,11 @@ class Module:
     def backward(self, grad_output):
         raise NotImplementedError(f"{type(self).__name__} does not define backward()")
 
+    def __dir__(self):
+        """Attributes plus registered parameters and children (tab completion), as in torch."""
+        names = set(super().__dir__()) | set(self._parameters) | set(self._modules)
+        return sorted(name for name in names if not name[:1].isdigit())
+
     # -- printing -------------------------------------------------------
     def extra_repr(self):
         return ""
@@ -284,6 +330,11 @@ class Module:
         if not lines:
             return head + ")"
         return head + "\n  " + "\n  ".join(lines) + "\n)"
+
+
+def _where(path):
+    """A dotted module path for a message; "" is the model itself."""
+    return repr(path) if path else "the model"
 
 
 def _checked_value(key, value, param):
