@@ -57,6 +57,11 @@ class Parameter:
             return self.data.copy() if copy else self.data
         return self.data.astype(dtype)
 
+    def requires_grad_(self, requires_grad=True):
+        """Set requires_grad in place and return self, as torch's Tensor.requires_grad_."""
+        self.requires_grad = bool(requires_grad)
+        return self
+
     def grad_buffer(self):
         """The gradient accumulator, allocated (zeros) on first use."""
         if self.grad is None:

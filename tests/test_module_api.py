@@ -115,6 +115,19 @@ def test_dir_lists_parameters_and_children_as_torch_does():
     assert "0" not in dir(ours) and "0" not in dir(theirs)  # not identifiers: torch leaves them out
 
 
+def test_parameter_requires_grad_in_place_as_torch():
+    ours, theirs = twin_models()
+    for model in (ours, theirs):
+        assert model.get_parameter("1.weight").requires_grad_(False) is model.get_parameter("1.weight")
+        assert not model.get_parameter("1.weight").requires_grad
+        assert model.get_parameter("1.weight").requires_grad_().requires_grad
+    layer = ours[1]  # r = 0: a plain linear layer, its weight frozen by hand
+    layer.weight.requires_grad_(False)
+    layer(np.ones((1, 2), np.float32))
+    layer.backward(np.ones((1, 3), np.float32))
+    assert layer.weight.grad is None and layer.bias.grad is not None
+
+
 @pytest.mark.parametrize("mode", ["eval", 1, None, np.bool_(False)])
 def test_train_mode_must_be_a_bool_and_a_bad_one_changes_nothing(mode):
     model = lorac.Sequential(lorac.Linear(4, 4, r=2, rng=0))
