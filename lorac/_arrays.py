@@ -13,12 +13,16 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def float_dtype(dtype, name="dtype"):
-    """np.float32 / np.float64 (or their names) -> np.dtype; anything else: TypeError."""
+    """np.float32 / np.float64 (or their names) -> np.dtype; None -> float32, the
+    default (as torch's dtype=None); anything else: TypeError.  (np.dtype(None)
+    would be float64, and a dtype compares equal to None.)"""
+    if dtype is None:
+        return FLOAT_DTYPES[0]
     try:
         resolved = np.dtype(dtype)
-    except TypeError:
+    except (TypeError, ValueError):
         resolved = None
-    if resolved not in FLOAT_DTYPES:
+    if resolved is None or resolved not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {dtype!r}")
     return resolved
 

@@ -11,6 +11,8 @@ from collections import OrderedDict, namedtuple
 
 import numpy as np
 
+from ._arrays import float_dtype
+
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
 
@@ -306,6 +308,52 @@ class Module:
         for param in self.parameters():
             param.requires_grad = bool(requires_grad)
         return self
+
+    # -- dtype ------------------------------------------------------------
+    def to(self, dtype):
+        """Cast every floating-point parameter, and its gradient, to dtype
+        (float32 or float64) in place and return self, as torch's module.to(dtype).
+
+        The Parameter objects stay, so an optimizer built before still holds
+        them, but its state keeps the old dtype and its step raises: build the
+        optimizer after casting, as torch advises.  Layers then expect inputs of
+        the new dtype, and a forward run before the cast has no backward after
+        it.  Every new array is made before any is swapped in, so a failure
+        (MemoryError) leaves the model as it was."""
+        if dtype is None:
+            raise TypeError("to(dtype): dtype must be float32 or float64, got None")
+        dtype = float_dtype(dtype, "to(dtype): dtype")
+        casts, seen = [], set()
+        for module in self.modules():
+            own = []
+            for param in module._parameters.values():
+                if param is None or id(param) in seen or param.dtype.kind != "f":
+                    continue
+                seen.add(id(param))
+                grad = None if param.grad is None else param.grad.astype(dtype, copy=False)
+                own.append((param, param.data.astype(dtype, copy=False), grad))
+            casts.append((module, own))
+        for module, own in casts:
+            module._take_cast(own, dtype)
+        return self
+
+    def float(self):
+        return self.to(np.float32)
+
+    def double(self):
+        return self.to(np.float64)
+
+    def _take_cast(self, casts, dtype):
+        """Swap in this module's cast arrays [(param, data, grad)] and its new dtype."""
+        for param, data, grad in casts:
+            param.data, param.grad = data, grad
+        if "dtype" in self.__dict__:
+            self.dtype = dtype
+        self._forget_forward()
+
+    def _forget_forward(self):
+        """Drop what the last forward kept for backward.  A no-op here: modules
+        whose cache follows the input's dtype check it in backward themselves."""
 
     # -- calling --------------------------------------------------------
     def __call__(self, *args, **kwargs):

@@ -77,6 +77,9 @@ class LayerNorm(Module):
         param = self._parameters[name]
         return None if param is None else param.data.reshape(-1)
 
+    def _forget_forward(self):
+        self._cache = None
+
     def extra_repr(self):
         text = f"{self.normalized_shape}, eps={self.eps:g}, elementwise_affine={self.elementwise_affine}"
         if self.elementwise_affine and self.bias is None:
