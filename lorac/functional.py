@@ -16,8 +16,8 @@ from collections import namedtuple
 import numpy as np
 
 from . import _C
+from ._arrays import FLOAT_DTYPES
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 REDUCTIONS = ("mean", "sum", "none")
 GELU_APPROXIMATIONS = ("none", "tanh")
 
@@ -29,7 +29,7 @@ def float_input(x, name):
     if isinstance(x, np.generic):  # a NumPy scalar keeps its dtype, like an ndarray
         x = np.asarray(x)
     if isinstance(x, np.ndarray):
-        if x.dtype not in _FLOAT_DTYPES:
+        if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
         return x
     data = getattr(x, "data", None)

@@ -5,9 +5,8 @@ import numbers
 
 import numpy as np
 
+from .._arrays import FLOAT_DTYPES
 from ..module import Parameter
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class Optimizer:
@@ -55,7 +54,7 @@ class Optimizer:
         for i, p in enumerate(params):
             if not isinstance(p, Parameter):
                 raise TypeError(f"{name}: params[{i}] must be a lorac.Parameter, got {type(p).__name__}")
-            if p.dtype not in _FLOAT_DTYPES:
+            if p.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"{name}: params[{i}] must have dtype float32 or float64, got {p.dtype}")
         if len({id(p) for p in params}) != len(params):
             raise ValueError(f"{name}: a parameter appears twice in one parameter group")
@@ -119,7 +118,7 @@ class Optimizer:
         if grad.dtype != data.dtype:
             raise TypeError(f"{name}.step(): gradient of dtype {grad.dtype} for a parameter of dtype "
                             f"{data.dtype}")
-        if data.dtype not in _FLOAT_DTYPES:
+        if data.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}.step(): parameters must be float32 or float64, got {data.dtype}")
         if not (data.flags.c_contiguous and data.flags.writeable):
             raise ValueError(f"{name}.step(): a parameter's data must be a writable C-contiguous array "
