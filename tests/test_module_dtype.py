@@ -182,7 +182,7 @@ def test_a_failed_cast_leaves_the_model_as_it_was(rng):
     model.backward(np.ones_like(y))  # the forward before the failed cast still has its backward
 
 
-def test_an_optimizer_built_before_the_cast_refuses_to_step(rng):
+def test_an_optimizer_built_before_the_cast_refuses_to_step_until_its_state_is_reloaded(rng):
     model = build()
     x = rng.standard_normal((3, 5)).astype(np.float32)
     opt = lorac.optim.Adam([p for p in model.parameters() if p.requires_grad])
@@ -192,6 +192,10 @@ def test_an_optimizer_built_before_the_cast_refuses_to_step(rng):
     train_step(model, x.astype(np.float64))
     with pytest.raises(TypeError, match="must have dtype float64, got float32"):
         opt.step()
+    opt.load_state_dict(opt.state_dict())  # loading casts the state to the parameters' dtype, as torch's
+    assert {v.dtype for s in opt.state.values() for v in s.values() if isinstance(v, np.ndarray)} == {
+        np.dtype(np.float64)}
+    opt.step()
     fresh = lorac.optim.Adam([p for p in model.parameters() if p.requires_grad])
     fresh.step()  # built after the cast, as torch advises
 
