@@ -268,6 +268,15 @@ def test_save_to_missing_folder_leaves_nothing(tmp_path):
         ck.save({"a": np.ones(1)}, tmp_path / "no" / "x.safetensors")
 
 
+@pytest.mark.parametrize("suffix", ["", ".npz"])
+def test_save_to_a_folder_says_so_before_writing(tmp_path, suffix):
+    folder = tmp_path / f"adapter{suffix}"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match="it is a folder; give a file name"):
+        ck.save({"a": np.ones(1)}, folder)
+    assert os.listdir(tmp_path) == [folder.name] and os.listdir(folder) == []
+
+
 # -- torch files, read without torch -------------------------------------------------
 
 def _torch():

@@ -47,6 +47,8 @@ def _fsync_folder(folder):
 def atomic_write(path):
     """Context manager yielding a binary file object that replaces ``path``."""
     path = os.fspath(path)
+    if os.path.isdir(path):  # else the error would come only after the whole file is written
+        raise IsADirectoryError(f"cannot save to {path!r}: it is a folder; give a file name")
     temp, fd = _create_temp(path)
     try:
         with contextlib.suppress(FileNotFoundError):
