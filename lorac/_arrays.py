@@ -29,8 +29,12 @@ def float_dtype(dtype, name="dtype"):
 
 def as_generator(rng, name="rng"):
     """None (fresh entropy), an int seed or a numpy Generator -> numpy Generator."""
-    if rng is None or isinstance(rng, (numbers.Integral, np.integer)):
-        return np.random.default_rng(None if rng is None else int(rng))
+    if rng is None:
+        return np.random.default_rng()
+    if isinstance(rng, (numbers.Integral, np.integer)) and not isinstance(rng, bool):
+        if rng < 0:
+            raise ValueError(f"{name} must be a seed >= 0 (or a numpy.random.Generator), got {rng}")
+        return np.random.default_rng(int(rng))
     if isinstance(rng, np.random.Generator):
         return rng
     raise TypeError(f"{name} must be None, an int seed or a numpy.random.Generator, got {type(rng).__name__}")

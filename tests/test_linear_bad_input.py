@@ -140,6 +140,7 @@ def test_corrupted_grad_buffer_is_reported_and_nothing_written(rng):
     (dict(r=-1), ValueError), (dict(r=1.5), TypeError), (dict(lora_dropout=1.0), ValueError),
     (dict(lora_dropout=-0.1), ValueError), (dict(dtype=np.int32), TypeError), (dict(rng="seed"), TypeError),
     (dict(lora_alpha=float("nan")), ValueError), (dict(lora_alpha="8"), TypeError),
+    (dict(rng=-1), ValueError), (dict(rng=True), TypeError), (dict(dtype="bogus"), TypeError),
 ])
 def test_constructor_arguments(kwargs, error):
     with pytest.raises(error):
@@ -179,3 +180,8 @@ def test_binding_validates_before_writing(rng):
         _C.linear_merge(np.asfortranarray(w), a, b, 1.0, False)
     with pytest.raises(TypeError):
         _C.linear_forward(x, w, None, a, b, "1.0", False)
+
+
+def test_a_negative_seed_is_named():
+    with pytest.raises(ValueError, match="rng must be a seed >= 0"):
+        lorac.Linear(4, 3, r=2, rng=-1)
