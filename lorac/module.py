@@ -317,10 +317,10 @@ class Module:
         The Parameter objects stay, so an optimizer built before still holds
         them, but its state keeps the old dtype and its step raises: build the
         optimizer after casting, as torch advises, or reload its state_dict()
-        (loading casts the state to the parameters' dtype).  Layers then expect inputs of
-        the new dtype, and a forward run before the cast has no backward after
-        it.  Every new array is made before any is swapped in, so a failure
-        (MemoryError) leaves the model as it was."""
+        (loading casts the state to the parameters' dtype).  Layers then
+        expect inputs of the new dtype, and a forward run before the cast has
+        no backward after it.  Every new array is made before any is swapped
+        in, so a failure (MemoryError) leaves the model as it was."""
         if dtype is None:
             raise TypeError("to(dtype): dtype must be float32 or float64, got None")
         dtype = float_dtype(dtype, "to(dtype): dtype")
