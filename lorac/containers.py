@@ -25,7 +25,7 @@ class Sequential(Module):
         """Append each of modules (checked first: a bad item appends none)."""
         modules = [_checked_module(module, len(self) + i) for i, module in enumerate(modules)]
         for module in modules:
-            self.append(module)
+            self.add_module(str(len(self)), module)
         return self
 
     def insert(self, index, module):

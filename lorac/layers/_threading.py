@@ -94,11 +94,11 @@ class ThreadState:
             state.pop(key, None)
         return state
 
+    @locked
     def _take_cast(self, casts, dtype):
         """Module.to's swap, under the layer's lock (a running forward sees
         all old or all new arrays)."""
-        with self.__dict__.get("_lock") or layer_lock(self):
-            super()._take_cast(casts, dtype)
+        super()._take_cast(casts, dtype)
 
     def _forget_forward(self):
         self.__dict__.pop("_tls", None)  # every thread's forward cache
