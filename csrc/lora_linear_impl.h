@@ -16,23 +16,26 @@ int FN(lorac_linear_forward)(const LoraLinear *L, real *u, ptrdiff_t ldu, real *
             return -1;
     }
 
-    /* y = bias; y += x W0^T */
+    /* The adapter's products come before the base product: right after a
+     * backward (which ends on A and B) A and B are still in cache, and the
+     * stream through W0 would evict them. */
+    if (lora) /* u = drop(x) A^T  (n, r) */
+        FN(branch_down)(n, in, r, x, L->ldx, L->mask, keep_scale, a, L->lda, u, ldu, scratch);
+    free(scratch);
+
+    /* y = bias; y += scaling * u B^T; y += x W0^T */
     real beta = 0;
     if (bias) {
         for (ptrdiff_t i = 0; i < n; i++)
             memcpy(y + i * ldy, bias, sizeof(real) * (size_t)out);
         beta = 1;
     }
+    if (lora) {
+        FN(gemm_rm)(CblasNoTrans, CblasTrans, n, out, r, scaling, u, ldu, b, L->ldb, beta, y, ldy);
+        beta = 1;
+    }
     FN(gemm_rm)(CblasNoTrans, L->w_in_out ? CblasNoTrans : CblasTrans, n, out, in, 1, x, L->ldx,
                 w, L->ldw, beta, y, ldy);
-    if (!lora)
-        return 0;
-
-    /* u = drop(x) A^T  (n, r) */
-    FN(branch_down)(n, in, r, x, L->ldx, L->mask, keep_scale, a, L->lda, u, ldu, scratch);
-    free(scratch);
-    /* y += scaling * u B^T */
-    FN(gemm_rm)(CblasNoTrans, CblasTrans, n, out, r, scaling, u, ldu, b, L->ldb, 1, y, ldy);
     return 0;
 }
 
