@@ -24,11 +24,17 @@ route is a separate process, and identical code has measured up to 1.3x
 apart at the sub-millisecond sizes (where its arrays land in memory): trust
 a consistent margin across rows and runs, not one cell; add --rounds.
 
+With --alias it times instead the backward's g W0 for one row with its
+output placed at offsets after W0's rows modulo 4 KiB: a bare sgemv against
+gemm_rm, which moves an output in the 4K-aliasing window elsewhere
+(gemm_impl.h, gemv_rm); 'lorac/bare' below 1 is time saved.
+
 Needs gcc (or $CC) and the scipy-openblas32 wheel (lorac's build
 requirement: `pip install scipy-openblas32`).
 
     python benchmarks/bench_gemm_routes.py [--threads 1] [--sizes 1024 4096] [--rows 1 2 3 4 8 16 32 64 128]
         [--ranks 4 8 12 16 24 32 64] [--json out.json]
+    python benchmarks/bench_gemm_routes.py --alias [--sizes 1024 4096] [--offsets 0 64 ...]
 """
 
 import argparse
@@ -106,6 +112,23 @@ def measure_k1(binaries, sizes, ranks, repeats, rounds):
     return table, records
 
 
+def measure_alias(binary, sizes, offsets, repeats, rounds):
+    """Table rows and JSON records for g W0 with the output at each offset:
+    a bare sgemv vs gemm_rm."""
+    table, records = [], []
+    for size in sizes:
+        samples = {offset: ([], []) for offset in offsets}
+        for _ in range(rounds):
+            for offset, bare, lorac in output_rows(binary, "alias", size, repeats, *offsets):
+                samples[int(offset)][0].append(float(bare))
+                samples[int(offset)][1].append(float(lorac))
+        for offset in offsets:
+            bare, lorac = (statistics.median(column) for column in samples[offset])
+            records.append({"size": size, "offset": offset, "bare_seconds": bare, "lorac_seconds": lorac})
+            table.append([size, offset, f"{bare * 1e6:.1f}", f"{lorac * 1e6:.1f}", f"{lorac / bare:.2f}"])
+    return table, records
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -115,7 +138,21 @@ def main():
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", metavar="PATH", help="also write the medians (seconds) as JSON")
+    parser.add_argument("--alias", action="store_true", help="time g W0's output placement instead (above)")
+    parser.add_argument("--offsets", type=int, nargs="+",
+                        default=[0, 64, 128, 256, 384, 512, 1024, 2048, 3072, 3840, 3968, 4032])
     args = parser.parse_args()
+    if args.alias:
+        with tempfile.TemporaryDirectory() as tmp:
+            table, records = measure_alias(build(ROUTES["lorac"], tmp, "lorac"), args.sizes, args.offsets,
+                                           args.repeats, args.rounds)
+        print(f"float32, threads={args.threads}; g (1, size) W0 (size, size), its output the given bytes after "
+              f"W0's rows modulo 4 KiB; medians over {args.rounds} rounds of {args.repeats} repeats")
+        print_table(["size", "offset", "bare sgemv us", "lorac us", "lorac/bare"], table)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"threads": args.threads, "alias_rows": records}, f, indent=1)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         binaries = {name: build(flags, tmp, name) for name, flags in ROUTES.items()}

@@ -13,6 +13,12 @@
  *   prints one line per R: "R seconds", medians of REPEATS of
  *     C (SIZE, R) += g^T u, g (1, SIZE), u (1, R)    (dB for a one-row batch)
  *   (its route is switched off with -DLORAC_K1_TRANSPOSED_ROW=0)
+ *
+ *   usage: gemm_routes alias SIZE REPEATS OFFSET...
+ *   prints one line per OFFSET: "OFFSET raw_seconds lorac_seconds", medians
+ *   of REPEATS of c (1, SIZE) = g (1, SIZE) W (the backward's g W0 for one
+ *   row) with c placed OFFSET bytes after W's rows modulo 4 KiB: a bare
+ *   sgemv, and gemm_rm (which moves a c in the 4K-aliasing window)
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -72,6 +78,25 @@ static double k1_median_seconds(ptrdiff_t size, ptrdiff_t r, const float *g, con
     return median_of(samples, repeats);
 }
 
+/* Median over `repeats` of the mean time of 100 products c (1, size) = g W,
+ * by gemm_rm (lorac) or by a bare sgemv. */
+static double alias_median_seconds(int lorac, ptrdiff_t size, const float *g, const float *w, float *c,
+                                   int repeats, double *samples)
+{
+    enum { inner = 100 };
+    for (int rep = 0; rep < repeats; rep++) {
+        const double start = seconds_now();
+        for (int i = 0; i < inner; i++) {
+            if (lorac)
+                gemm_rm_f32(CblasNoTrans, CblasNoTrans, 1, size, size, 1, g, size, w, size, 0, c, size);
+            else
+                CBLAS(sgemv)(CblasRowMajor, CblasTrans, (blasint)size, (blasint)size, 1, w, (blasint)size, g, 1, 0, c, 1);
+        }
+        samples[rep] = (seconds_now() - start) / inner;
+    }
+    return median_of(samples, repeats);
+}
+
 /* argv[first], argv[first + 1]: SIZE and REPEATS, then the counts (M or R).
  * Returns 0 with the largest count in *max_count, or 2 after printing why not. */
 static int parse_arguments(int argc, char **argv, int first, const char *usage, ptrdiff_t *size,
@@ -123,10 +148,45 @@ static int k1_main(int argc, char **argv)
     return 0;
 }
 
+static int alias_main(int argc, char **argv)
+{
+    ptrdiff_t size, max_offset;
+    int repeats;
+    if (parse_arguments(argc, argv, 2, "alias SIZE REPEATS OFFSET...", &size, &repeats, &max_offset) != 0)
+        return 2;
+    float *w = malloc(sizeof(float) * (size_t)(size * size));
+    float *g = malloc(sizeof(float) * (size_t)size);
+    float *room = malloc(sizeof(float) * (size_t)size + 8192);
+    double *samples = malloc(sizeof(double) * (size_t)repeats);
+    if (!w || !g || !room || !samples) {
+        fprintf(stderr, "out of memory\n");
+        return 1;
+    }
+    for (ptrdiff_t i = 0; i < size * size; i++)
+        w[i] = (float)(i % 13) - 6.0f;
+    for (ptrdiff_t i = 0; i < size; i++)
+        g[i] = (float)(i % 7) - 3.0f;
+    for (int i = 4; i < argc; i++) {
+        const size_t offset = (size_t)atol(argv[i]) % 4096 / sizeof(float) * sizeof(float);
+        /* c: the first address in room that lies `offset` bytes after w modulo 4 KiB */
+        const size_t shift = ((uintptr_t)w + offset - (uintptr_t)room) % 4096 / sizeof(float) * sizeof(float);
+        float *c = (float *)((char *)room + shift);
+        printf("%zu %.9g %.9g\n", offset, alias_median_seconds(0, size, g, w, c, repeats, samples),
+               alias_median_seconds(1, size, g, w, c, repeats, samples));
+    }
+    free(w);
+    free(g);
+    free(room);
+    free(samples);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "k1") == 0)
         return k1_main(argc, argv);
+    if (argc > 1 && strcmp(argv[1], "alias") == 0)
+        return alias_main(argc, argv);
     ptrdiff_t size, max_m;
     int repeats;
     if (parse_arguments(argc, argv, 1, "SIZE REPEATS M...", &size, &repeats, &max_m) != 0)

@@ -34,6 +34,77 @@
 #define LORAC_K1_TRANSPOSED_ROW 1 /* k = 1: a row b (1, n) passed as B^T (n, 1) (0: never; see gemm_rm) */
 #endif
 
+#ifndef LORAC_ALIAS_HELPERS
+#define LORAC_ALIAS_HELPERS
+/* 4K aliasing.  The axpy form of GEMV -- y (cols) = alpha M^T x + beta y for
+ * M (rows, cols) row-major, which streams M row by row and re-reads and
+ * re-writes y for each row -- slows down when y starts just after a row of M
+ * (or a little before one) modulo 4 KiB: the CPU checks a load against
+ * earlier stores on address bits 0-11 alone, so loads of M wait on stores to
+ * y they do not depend on.  benchmarks/bench_gemm_routes.py --alias, with
+ * OpenBLAS 0.3.34's Haswell kernels on a Zen 3 EPYC, one thread, float32
+ * g (1, 1024) W0 (1024, 1024) (the input gradient of a one-row batch): y
+ * 0-384 bytes after a row start 96-118 us, 64-128 bytes before one 94-102
+ * us, elsewhere 77-86 us; moved, 75-85 us.  (At 4096, W0 streams from
+ * memory and the difference is within noise.)  When M's row stride is a
+ * multiple of 1 KiB its rows start at one to four offsets modulo 4 KiB and
+ * a y in the window is worth moving (a copy of y each way); other strides
+ * spread the row starts over every offset and no place is better. */
+#define LORAC_ALIAS_BEFORE 256  /* bytes before a row start that are slow for y */
+#define LORAC_ALIAS_AFTER 512   /* bytes after one */
+#define LORAC_ALIAS_MIN_ROWS 16 /* fewer rows of M: the two copies of y cost about what they save */
+
+/* The period (bytes) of M's row starts modulo 4 KiB when it is at least
+ * 1 KiB, else 0: the lowest set bit of the row stride, at most 4096. */
+static inline size_t lorac_alias_period(size_t row_bytes)
+{
+    size_t lowest = row_bytes & (~row_bytes + 1);
+    size_t period = lowest == 0 || lowest > 4096 ? 4096 : lowest;
+    return period >= 1024 ? period : 0;
+}
+
+/* Whether y (an address) falls in the slow window around M's row starts. */
+static inline int lorac_in_alias_window(const void *y, const void *m, size_t period)
+{
+    size_t offset = (size_t)((uintptr_t)y - (uintptr_t)m) % period;
+    return offset < LORAC_ALIAS_AFTER || offset >= period - LORAC_ALIAS_BEFORE;
+}
+
+/* Bytes after a row start, modulo the period, at the middle of the fast
+ * stretch, rounded down to a cache line. */
+static inline size_t lorac_alias_target(size_t period)
+{
+    return (LORAC_ALIAS_AFTER + (period - LORAC_ALIAS_BEFORE - LORAC_ALIAS_AFTER) / 2) / 64 * 64;
+}
+#endif
+
+/* y = alpha op(M) x + beta y, M (rows, cols) row-major with leading
+ * dimension ld, y contiguous.  The axpy form (op = transpose: y has cols
+ * elements) of at least LORAC_ALIAS_MIN_ROWS rows runs on a copy of y placed
+ * away from M's row starts when y sits in the 4K-aliasing window (above); if
+ * that copy cannot be had it runs in place, just slower. */
+static inline void FN(gemv_rm)(enum CBLAS_TRANSPOSE trans, ptrdiff_t rows, ptrdiff_t cols, real alpha,
+                               const real *m, ptrdiff_t ld, const real *x, ptrdiff_t incx, real beta,
+                               real *y)
+{
+    const ptrdiff_t len = trans == CblasTrans ? cols : rows;
+    const size_t period = trans == CblasTrans ? lorac_alias_period((size_t)ld * sizeof(real)) : 0;
+    char *room = NULL;
+    real *out = y;
+    if (period && rows >= LORAC_ALIAS_MIN_ROWS && len > 0 && (uintptr_t)m % sizeof(real) == 0 &&
+        lorac_in_alias_window(y, m, period) &&
+        (room = malloc(sizeof(real) * (size_t)len + period))) {
+        size_t shift = (size_t)((uintptr_t)m + lorac_alias_target(period) - (uintptr_t)room) % period;
+        out = (real *)(room + shift);
+        memcpy(out, y, sizeof(real) * (size_t)len);
+    }
+    GEMV(CblasRowMajor, trans, (blasint)rows, (blasint)cols, alpha, m, (blasint)ld, x, (blasint)incx, beta,
+         out, 1);
+    if (out != y)
+        memcpy(y, out, sizeof(real) * (size_t)len);
+    free(room);
+}
+
 /* C (m, n) = alpha A B^T + beta C for a short A (m, k) against a wide
  * B (n, k), e.g. a small batch through W0 (out, in): computed panel by panel
  * as C^T[j:j+256] = B[j:j+256] A^T into a small buffer, then transposed into
@@ -99,8 +170,8 @@ static inline void FN(gemm_rm)(enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
     }
     if (m <= LORAC_GEMV_MAX_ROWS) { /* row i: c_i (n) = alpha op(B)^T a_i + beta c_i;  B (k, n), or (n, k) if b_t */
         for (ptrdiff_t i = 0; i < m; i++)
-            GEMV(CblasRowMajor, b_t ? CblasNoTrans : CblasTrans, (blasint)(b_t ? n : k), (blasint)(b_t ? k : n),
-                 alpha, b, (blasint)ldb, a_t ? a + i : a + i * lda, (blasint)(a_t ? lda : 1), beta, c + i * ldc, 1);
+            FN(gemv_rm)(b_t ? CblasNoTrans : CblasTrans, b_t ? n : k, b_t ? k : n, alpha, b, ldb,
+                        a_t ? a + i : a + i * lda, a_t ? lda : 1, beta, c + i * ldc);
         return;
     }
     if (n == 1) { /* c (m) = alpha op(A) b + beta c;  A stored (m, k), or (k, m) if a_t */

@@ -152,3 +152,40 @@ def test_big_endian_input_is_converted(rng):
     y, u = _C.linear_forward(x.astype(">f8"), w, None, None, None, 1.0, False)
     assert u is None
     assert_close(y, x @ w.T, np.float64)
+
+
+def placed(rng, shape, dtype, after, offset):
+    """A C-contiguous standard-normal array of `shape` whose data starts
+    `offset` bytes after `after`'s data modulo 4 KiB (a view into a larger
+    buffer)."""
+    itemsize = np.dtype(dtype).itemsize
+    count = int(np.prod(shape))
+    buffer = np.empty(count + 8192 // itemsize, dtype)
+    start = (after.ctypes.data + offset - buffer.ctypes.data) % 4096 // itemsize
+    view = buffer[start:start + count].reshape(shape)
+    view[...] = rng.standard_normal(shape)
+    assert (view.ctypes.data - after.ctypes.data) % 4096 == offset
+    return view
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("row_bytes", [4096, 1024, 2048 + 1024, 400])
+@pytest.mark.parametrize("offset", [0, 64, 448, 2048, 4032])
+def test_gemv_output_in_the_4k_aliasing_window(rng, dtype, row_bytes, offset):
+    # A weight of two rows merges row by row through the axpy form of GEMV
+    # over A's rows (csrc/gemm_impl.h, gemv_rm).  A weight row in the 4K-
+    # aliasing window around A's row starts is updated through a copy placed
+    # elsewhere: offsets 0, 64, 448 and 4032 at every stride that is a
+    # multiple of 1 KiB, and 2048 too at strides of 1 and 3 KiB (rows then
+    # start every 1 KiB modulo 4 KiB); 2048 at 4 KiB and any offset at a
+    # 400-byte stride are updated in place.  Either way: the reference's
+    # result (a copy back that dropped an element fails 28 of these cases).
+    fin = row_bytes // np.dtype(dtype).itemsize
+    a = rng.standard_normal((16, fin)).astype(dtype)  # r = 16: LORAC_ALIAS_MIN_ROWS
+    bb = rng.standard_normal((2, 16)).astype(dtype)
+    w = placed(rng, (2, fin), dtype, a, offset)
+    w0 = w.astype(np.float64)
+    _C.linear_merge(w, a, bb, 0.5, False)
+    assert_close(w, w0 + 0.5 * bb.astype(np.float64) @ a.astype(np.float64), dtype)
+    _C.linear_merge(w, a, bb, -0.5, False)
+    assert_close(w, w0, dtype)
