@@ -185,3 +185,15 @@ def test_binding_validates_before_writing(rng):
 def test_a_negative_seed_is_named():
     with pytest.raises(ValueError, match="rng must be a seed >= 0"):
         lorac.Linear(4, 3, r=2, rng=-1)
+
+
+def test_an_equal_dtype_object_is_accepted(rng):
+    # float32 with metadata: equal to the layer's dtype, not the same object
+    layer = make_layer(rng)
+    same = np.dtype(np.float32, metadata={"source": "test"})
+    assert same == np.float32 and same is not np.dtype(np.float32)
+    x = rng.standard_normal((3, 6)).astype(same)
+    y = layer(x)
+    np.testing.assert_allclose(y, expected(layer, x.astype(np.float32)), rtol=1e-5, atol=1e-6)
+    dx = layer.backward(np.ones((3, 4), same))
+    assert dx.shape == (3, 6) and dx.dtype == np.float32

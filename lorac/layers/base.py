@@ -64,7 +64,7 @@ class LoRALayer(NamedAdapters):
         return g
 
     # A layer's forward cache (what its backward needs) is a plain tuple that
-    # ends with (lora_on, lead_shape, branch); each layer's backward unpacks it
+    # ends with (lora_on, a shape, branch); each layer's backward unpacks it
     # by name.  Not a namedtuple: that one's constructor is a Python function,
     # ~0.6 us on every forward when a large matrix product has just evicted the
     # interpreter's data from L2 (benchmarks/bench_overhead.py).

@@ -12,9 +12,9 @@ from ._lora_init import check_init
 from .base import LoRALayer
 
 # What backward needs from a forward, a plain tuple (layers/base.py says why):
-#   (x2, u, mask, keep_scale, lora_on, lead_shape, branch)
+#   (x2, u, mask, keep_scale, lora_on, out_shape, branch)
 # the 2-D input, u = drop(x) A^T, the dropout mask and its 1 / (1 - p),
-# whether the adapter branch ran, the input's leading shape, and the
+# whether the adapter branch ran, the output's shape, and the
 # named-adapter Branch (None on the fast path).
 
 
@@ -86,21 +86,26 @@ class Linear(LoRALayer, Module):
         # (median ~3 us, 2%), the forward ~1 us.
         d = self.__dict__
         with d.get("_lock") or layer_lock(self):
-            if type(x) is not np.ndarray or x.dtype != d["dtype"] or x.ndim == 0 \
-                    or x.shape[-1] != d["in_features"]:
+            # The dtype by identity: NumPy's builtin dtypes are singletons, and
+            # an equal but distinct dtype object only takes the checked route.
+            if type(x) is not np.ndarray or x.dtype is not d["dtype"]:
                 x = self._checked_input(x)
+            shape = x.shape
+            if len(shape) == 2 and shape[1] == d["in_features"]:
+                x2, out_shape = x, (shape[0], d["out_features"])
+            else:  # (..., in_features); any other shape raises in _checked_input
+                x2 = self._checked_input(x).reshape(-1, d["in_features"])
+                out_shape = shape[:-1] + (d["out_features"],)
             params = d["_parameters"]
-            x2 = x if x.ndim == 2 else x.reshape(-1, d["in_features"])
-            lead_shape = x.shape[:-1]
             if d["_plain"]:  # loralib's state: "default" only (layers/adapters.py)
                 lora_on = d["r"] > 0 and not d["merged"]
                 a = params["lora_A"].data if lora_on else None
                 b = params["lora_B"].data if lora_on else None
                 scaling, dropout, branch = d["scaling"], d["lora_dropout"], None
             else:  # named adapters, disabled adapters or a mixed batch
-                ids = self._mixed_row_ids(lead_shape)
+                ids = self._mixed_row_ids(shape[:-1])
                 if ids is not None:
-                    return self._mixed_forward(x2, ids, lead_shape)
+                    return self._mixed_forward(x2, ids, shape[:-1])
                 branch = self._branch()
                 a, b, scaling, dropout = branch.a, branch.b, branch.scaling, branch.dropout
                 lora_on = a is not None
@@ -109,8 +114,8 @@ class Linear(LoRALayer, Module):
             bias = params["bias"]
             y, u = _C.linear_forward(x2, params["weight"].data, None if bias is None else bias.data, a, b,
                                      scaling, d["fan_in_fan_out"], mask, keep_scale)
-            (d.get("_tls") or thread_state(self)).cache = (x2, u, mask, keep_scale, lora_on, lead_shape, branch)
-            return y if x.ndim == 2 else y.reshape(lead_shape + (d["out_features"],))
+            (d.get("_tls") or thread_state(self)).cache = (x2, u, mask, keep_scale, lora_on, out_shape, branch)
+            return y if x2 is x else y.reshape(out_shape)
 
     def _mixed_forward(self, x2, ids, lead_shape):
         """Inference on a mixed batch: row i gets adapter ids[i] (-1: none), in C."""
@@ -131,14 +136,13 @@ class Linear(LoRALayer, Module):
             # branch) goes to _require_cache, which raises or checks it
             if cache is None or cache[-1] is not None or cache[-3] != (d["r"] > 0 and not d["merged"]):
                 cache = self._require_cache()
-            x2, u, mask, keep_scale, lora_on, lead_shape, branch = cache
+            x2, u, mask, keep_scale, lora_on, out_shape, branch = cache
             g = grad_output
-            expected = lead_shape + (d["out_features"],)
-            if type(g) is not np.ndarray or g.dtype != d["dtype"] or g.shape != expected:
-                g = self._checked_grad_output(g, expected)
+            if type(g) is not np.ndarray or g.dtype is not d["dtype"] or g.shape != out_shape:
+                g = self._checked_grad_output(g, out_shape)
             params = d["_parameters"]
             weight = params["weight"]
-            g2 = g if g.ndim == 2 else g.reshape(-1, d["out_features"])
+            g2 = g if len(out_shape) == 2 else g.reshape(-1, d["out_features"])
             if branch is None:  # the fast path's forward
                 lora_a, lora_b = (params["lora_A"], params["lora_B"]) if lora_on else (None, None)
                 grads, created = grad_accumulators(weight, params["bias"], lora_a, lora_b)
@@ -156,7 +160,7 @@ class Linear(LoRALayer, Module):
                     dx = _C.linear_backward(g2, x2, weight.data, branch.a, branch.b, u, branch.scaling,
                                             d["fan_in_fan_out"], mask, keep_scale, True, **buffers, **lora_buffers)
             d["_tls"].cache = None
-            return dx if len(lead_shape) == 1 else dx.reshape(lead_shape + (d["in_features"],))
+            return dx if len(out_shape) == 2 else dx.reshape(out_shape[:-1] + (d["in_features"],))
 
     def _dropout_mask(self, shape, p):
         """uint8 keep-mask (1 = keep) for the LoRA branch input, drawn from self.rng."""
