@@ -79,19 +79,19 @@ static inline size_t lorac_alias_target(size_t period)
 #endif
 
 /* y = alpha op(M) x + beta y, M (rows, cols) row-major with leading
- * dimension ld, y contiguous.  The axpy form (op = transpose: y has cols
- * elements) of at least LORAC_ALIAS_MIN_ROWS rows runs on a copy of y placed
- * away from M's row starts when y sits in the 4K-aliasing window (above); if
- * that copy cannot be had it runs in place, just slower. */
+ * dimension ld, y with stride incy.  The axpy form (op = transpose: y has
+ * cols elements) of at least LORAC_ALIAS_MIN_ROWS rows, y contiguous, runs on
+ * a copy of y placed away from M's row starts when y sits in the 4K-aliasing
+ * window (above); if that copy cannot be had it runs in place, just slower. */
 static inline void FN(gemv_rm)(enum CBLAS_TRANSPOSE trans, ptrdiff_t rows, ptrdiff_t cols, real alpha,
                                const real *m, ptrdiff_t ld, const real *x, ptrdiff_t incx, real beta,
-                               real *y)
+                               real *y, ptrdiff_t incy)
 {
     const ptrdiff_t len = trans == CblasTrans ? cols : rows;
     const size_t period = trans == CblasTrans ? lorac_alias_period((size_t)ld * sizeof(real)) : 0;
     char *room = NULL;
     real *out = y;
-    if (period && rows >= LORAC_ALIAS_MIN_ROWS && len > 0 && (uintptr_t)m % sizeof(real) == 0 &&
+    if (period && incy == 1 && rows >= LORAC_ALIAS_MIN_ROWS && len > 0 && (uintptr_t)m % sizeof(real) == 0 &&
         lorac_in_alias_window(y, m, period) &&
         (room = malloc(sizeof(real) * (size_t)len + period))) {
         size_t shift = (size_t)((uintptr_t)m + lorac_alias_target(period) - (uintptr_t)room) % period;
@@ -99,7 +99,7 @@ static inline void FN(gemv_rm)(enum CBLAS_TRANSPOSE trans, ptrdiff_t rows, ptrdi
         memcpy(out, y, sizeof(real) * (size_t)len);
     }
     GEMV(CblasRowMajor, trans, (blasint)rows, (blasint)cols, alpha, m, (blasint)ld, x, (blasint)incx, beta,
-         out, 1);
+         out, (blasint)(out == y ? incy : 1));
     if (out != y)
         memcpy(y, out, sizeof(real) * (size_t)len);
     free(room);
@@ -171,12 +171,12 @@ static inline void FN(gemm_rm)(enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
     if (m <= LORAC_GEMV_MAX_ROWS) { /* row i: c_i (n) = alpha op(B)^T a_i + beta c_i;  B (k, n), or (n, k) if b_t */
         for (ptrdiff_t i = 0; i < m; i++)
             FN(gemv_rm)(b_t ? CblasNoTrans : CblasTrans, b_t ? n : k, b_t ? k : n, alpha, b, ldb,
-                        a_t ? a + i : a + i * lda, a_t ? lda : 1, beta, c + i * ldc);
+                        a_t ? a + i : a + i * lda, a_t ? lda : 1, beta, c + i * ldc, 1);
         return;
     }
     if (n == 1) { /* c (m) = alpha op(A) b + beta c;  A stored (m, k), or (k, m) if a_t */
-        GEMV(CblasRowMajor, a_t ? CblasTrans : CblasNoTrans, (blasint)(a_t ? k : m), (blasint)(a_t ? m : k),
-             alpha, a, (blasint)lda, b, (blasint)(b_t ? 1 : ldb), beta, c, (blasint)ldc);
+        FN(gemv_rm)(a_t ? CblasTrans : CblasNoTrans, a_t ? k : m, a_t ? m : k, alpha, a, lda, b,
+                    b_t ? 1 : ldb, beta, c, ldc);
         return;
     }
     /* k = 1 (a one-row batch's weight gradients): c += alpha a b^T is a rank-1

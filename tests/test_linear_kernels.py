@@ -189,3 +189,20 @@ def test_gemv_output_in_the_4k_aliasing_window(rng, dtype, row_bytes, offset):
     assert_close(w, w0 + 0.5 * bb.astype(np.float64) @ a.astype(np.float64), dtype)
     _C.linear_merge(w, a, bb, -0.5, False)
     assert_close(w, w0, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0, 448, 640])
+def test_gemv_column_output_in_the_4k_aliasing_window(rng, dtype, offset):
+    # With r = 1, dB (out, 1) += scaling g^T u is gemm_rm's one-column route:
+    # the axpy form of GEMV over g's 16 rows of 1 KiB, writing dB's column.
+    # dB placed in the window (0, 448) is accumulated through a copy, at 640
+    # in place; both match the reference.
+    n, fin, fout = 16, 8, 1024 // np.dtype(dtype).itemsize
+    x, w, b, a, bb, _ = make_operands(rng, n, fin, fout, 1, dtype, False, True, False)
+    _, u = _C.linear_forward(x, w, b, a, bb, 0.75, False)
+    g = rng.standard_normal((n, fout)).astype(dtype)
+    db = placed(rng, (fout, 1), dtype, g, offset)
+    start = db.copy()
+    _C.linear_backward(g, x, w, a, bb, u, 0.75, False, None, 1.0, False, None, None, None, db)
+    assert_close(db, start + linear_backward(g, x, w, a, bb, 0.75)["db"], dtype)
