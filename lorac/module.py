@@ -11,7 +11,7 @@ from collections import OrderedDict, namedtuple
 
 import numpy as np
 
-from ._arrays import float_dtype
+from ._device import parse_to_arguments
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
@@ -310,9 +310,14 @@ class Module:
         return self
 
     # -- dtype ------------------------------------------------------------
-    def to(self, dtype):
+    def to(self, *args, **kwargs):
         """Cast every floating-point parameter, and its gradient, to dtype
         (float32 or float64) in place and return self, as torch's module.to(dtype).
+
+        Takes torch's forms: to(dtype), to(device), to(device, dtype) and the
+        keywords device=, dtype=, non_blocking=.  The device must be the CPU
+        ('cpu', 'cpu:0' or torch.device('cpu')), where lorac computes: a
+        device alone changes nothing, and another device raises ValueError.
 
         The Parameter objects stay, so an optimizer built before still holds
         them, but its state keeps the old dtype and its step raises: build the
@@ -321,9 +326,9 @@ class Module:
         expect inputs of the new dtype, and a forward run before the cast has
         no backward after it.  Every new array is made before any is swapped
         in, so a failure (MemoryError) leaves the model as it was."""
+        dtype = parse_to_arguments(args, kwargs)
         if dtype is None:
-            raise TypeError("to(dtype): dtype must be float32 or float64, got None")
-        dtype = float_dtype(dtype, "to(dtype): dtype")
+            return self
         casts, seen = [], set()
         for module in self.modules():
             own = []
@@ -337,6 +342,14 @@ class Module:
         for module, own in casts:
             module._take_cast(own, dtype)
         return self
+
+    def cpu(self):
+        """self: lorac's arrays are always in the CPU's memory (as torch's module.cpu())."""
+        return self
+
+    def cuda(self, device=None):
+        raise ValueError(f"cuda(): lorac computes on the CPU only, so a model cannot move to "
+                         f"{'cuda' if device is None else device!r}; use the model as it is, or .cpu()")
 
     def float(self):
         return self.to(np.float32)

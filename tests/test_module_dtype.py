@@ -1,5 +1,6 @@
 """Module.to(dtype), float() and double(): every floating-point parameter and
-gradient cast in place, the layers' dtype with them, all-or-nothing."""
+gradient cast in place, the layers' dtype with them, all-or-nothing; and
+to(device) / cpu() / cuda(), as torch's, for a library on the CPU only."""
 
 import numpy as np
 import pytest
@@ -152,7 +153,7 @@ def test_integer_parameters_are_left_alone():
     assert block.counts.dtype == np.arange(3).dtype and block.scale.dtype == np.float64
 
 
-@pytest.mark.parametrize("dtype", [np.float16, "int32", "bogus", None, "cpu", complex])
+@pytest.mark.parametrize("dtype", [np.float16, "int32", "bogus", None, "f2", complex])
 def test_unsupported_dtypes_raise_and_change_nothing(dtype):
     model = build()
     arrays = [p.data for p in model.parameters()]
@@ -209,3 +210,75 @@ def test_layer_dtype_none_is_the_float32_default_as_in_torch(dtype, expected):
 def test_layer_refuses_a_dtype_it_cannot_use(dtype):
     with pytest.raises(TypeError, match="dtype must be float32 or float64"):
         lorac.Linear(3, 2, dtype=dtype)
+
+
+def unchanged(model, arrays):
+    return all(p.data is a for p, a in zip(model.parameters(), arrays)) and model[0].dtype == np.float32
+
+
+def cpu_device():
+    return pytest.importorskip("torch").device("cpu")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", "torch cpu"])
+def test_to_the_cpu_is_a_no_op_that_returns_the_model(device, rng):
+    """torch code's model.to(device) runs unchanged: lorac's arrays are on the CPU already."""
+    device = cpu_device() if device == "torch cpu" else device
+    model = build()
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    y = model(x)
+    arrays = [p.data for p in model.parameters()]
+    for moved in (model.to(device), model.to(device=device), model.to(device, None),
+                  model.to(device, non_blocking=True), model.cpu()):
+        assert moved is model and unchanged(model, arrays)
+    model.backward(np.ones_like(y))  # a forward before a no-op move keeps its backward
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.to("cpu", np.float64), lambda m: m.to("cpu:0", dtype="float64"),
+    lambda m: m.to(device="cpu", dtype=np.float64), lambda m: m.to(np.float64, non_blocking=False),
+    lambda m: m.to(dtype="float64"), lambda m: m.to(cpu_device(), np.float64)])
+def test_to_with_a_device_and_a_dtype_casts(call, rng):
+    model = build()
+    randomize(model, rng)
+    x = rng.standard_normal((3, 5))
+    expected = float64_twin(model)(x)
+    assert call(model) is model
+    assert all(p.dtype == np.float64 for p in model.parameters())
+    np.testing.assert_allclose(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps", "meta", "torch meta"])
+def test_another_device_raises_and_changes_nothing(device):
+    if device == "torch meta":
+        device = pytest.importorskip("torch").device("meta")
+    model = build()
+    arrays = [p.data for p in model.parameters()]
+    for call in (lambda: model.to(device), lambda: model.to(device, np.float64),
+                 lambda: model.to(device=device, dtype=np.float64)):
+        with pytest.raises(ValueError, match="CPU only, so device must be 'cpu', got"):
+            call()
+        assert unchanged(model, arrays)
+    with pytest.raises(ValueError, match="cuda\\(\\): lorac computes on the CPU only"):
+        model.cuda()
+    assert unchanged(model, arrays)
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((), {}, "needs a device \\('cpu'\\) or a dtype"),
+    ((np.float64, "cpu"), {}, "first argument must be a device"),
+    (("cpu", np.float64, False), {}, "at most 2 positional arguments"),
+    (("cpu",), {"device": "cpu"}, "device both as an argument and as device="),
+    ((np.float64,), {"dtype": np.float64}, "dtype both as an argument and as dtype="),
+    (("cpu", np.float64), {"dtype": np.float64}, "dtype both as an argument and as dtype="),
+    ((), {"device": "cpu", "memory_format": None}, "unexpected keyword arguments \\['memory_format'\\]"),
+    ((np.float64,), {"non_blocking": 1}, "non_blocking\\): expected a bool, got 1"),
+    (("cpu", "int32"), {}, "dtype must be float32 or float64, got 'int32'"),
+    ((), {"device": None, "dtype": None}, "dtype must be float32 or float64, got None"),
+])
+def test_to_with_arguments_it_cannot_read_raises_type_error_and_changes_nothing(args, kwargs, message):
+    model = build()
+    arrays = [p.data for p in model.parameters()]
+    with pytest.raises(TypeError, match=message):
+        model.to(*args, **kwargs)
+    assert unchanged(model, arrays)
