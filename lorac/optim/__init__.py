@@ -12,10 +12,12 @@
 State (momentum, moments) is created only for parameters that train
 (``requires_grad`` and a gradient): a frozen base weight costs no optimizer
 memory, which is where most of LoRA's training-memory saving comes from.
+``lorac.optim.lr_scheduler`` has torch's common learning-rate schedules.
 """
 
+from . import lr_scheduler
 from .adam import Adam, AdamW
 from .optimizer import Optimizer
 from .sgd import SGD
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "lr_scheduler"]

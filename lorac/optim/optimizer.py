@@ -184,8 +184,12 @@ class Optimizer:
                                  f"state dict, the optimizer's has {len(mine['params'])}")
             index_to_param.update(zip(ids, mine["params"]))
             hyper = dict(mine)
-            hyper.update((k, copy.deepcopy(v)) for k, v in saved.items() if k in self.defaults)
+            # the hyper-parameters, and a scheduler's record of the starting lr (as torch restores it)
+            hyper.update((k, copy.deepcopy(v)) for k, v in saved.items() if k in self.defaults or k == "initial_lr")
             hyper = self._check_group(hyper)
+            if "initial_lr" in hyper:
+                hyper["initial_lr"] = check_real(hyper["initial_lr"], "initial_lr", f"{name}.load_state_dict()",
+                                                 minimum=0)
             hyper["params"] = mine["params"]
             new_groups.append(hyper)
         new_state = {}
