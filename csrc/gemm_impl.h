@@ -3,10 +3,9 @@
  * Row-major only.  gemm_rm computes C (m, n) = alpha * op(A) op(B) + beta * C
  * where op(A) is (m, k) and op(B) is (k, n); it handles the degenerate sizes
  * BLAS implementations disagree on (m, n or k equal to 0) so callers need not.
- * Short op(A) (a small batch) takes one of two faster routes, k = 1 a third
- * and a narrow C summed over a long k (a large batch's dB) a fourth, chosen
- * by measurements with the bundled OpenBLAS 0.3.34 at one thread (below),
- * running its Haswell kernels.
+ * Short op(A) (a small batch) takes one of two faster routes, and k = 1 a
+ * third, chosen by measurements with the bundled OpenBLAS 0.3.34 at one
+ * thread (below), running its Haswell kernels.
  *
  * benchmarks/bench_gemm_routes.py re-measures the routes on the machine at
  * hand.  The choice depends on which kernels OpenBLAS picks for the CPU: on
@@ -31,9 +30,6 @@
 #define LORAC_PANEL_COLS 256   /* columns of C per panel */
 #define LORAC_PANEL_MIN_DEPTH 128 /* k below this: plain GEMM (panels measured 1.6-2.1x slower at k = 16) */
 #define LORAC_VECTOR_REALS (64 / (int)sizeof(real)) /* elements in a 512-bit vector */
-#define LORAC_NARROW_MAX_COLS 64          /* C += A^T B into at most this many columns of C, */
-#define LORAC_NARROW_MIN_ROWS 256         /* at least this many rows, */
-#define LORAC_NARROW_MIN_WORK (1L << 20)  /* and m k at least this: computed as C^T (gemm_tn_narrow) */
 #ifndef LORAC_K1_TRANSPOSED_ROW
 #define LORAC_K1_TRANSPOSED_ROW 1 /* k = 1: a row b (1, n) passed as B^T (n, 1) (0: never; see gemm_rm) */
 #endif
@@ -118,37 +114,6 @@ static inline void FN(gemv_rm)(enum CBLAS_TRANSPOSE trans, ptrdiff_t rows, ptrdi
  * hence m <= 32.  (The (k, n) layout, A B, is already fast: panels measured
  * 1.3-2x slower there, so only A B^T takes this route.)  Returns 0 without
  * writing anything if the buffer cannot be had: the caller does plain GEMM. */
-/* C (m, n) += alpha A^T B for A (k, m) and B (k, n): a narrow C summed
- * over a long k, e.g. dB (out, r) += s g^T u over a batch of k rows.
- * Computed as C^T (n, m) = alpha B^T A into a buffer, then added to C
- * transposed.  OpenBLAS 0.3.34 (Haswell kernels, Zen 3, one thread) runs the plain
- * call 2-4x slower, packing the long A^T in the slow direction: sgemm dB
- * (1024, 16) over k = 2048 rows 5.6 ms against 2.4 ms this way with the
- * transposition (r = 4-64: 0.40-0.62x the time), (4096, 16) 21.8 ms against
- * 8.4 (0.27-0.60x), and over k = 256 rows at 4096 0.39-0.85x; at m k below
- * 2^20 (k = 256 at 1024, k = 64 at 4096) it was 0.7-2.6x, hence the bound.
- * Returns 0 without writing anything if the buffer cannot be had: the caller
- * does plain GEMM. */
-static inline int FN(gemm_tn_narrow)(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, real alpha,
-                                     const real *a, ptrdiff_t lda, const real *b, ptrdiff_t ldb,
-                                     real *c, ptrdiff_t ldc)
-{
-    real *ct = malloc(sizeof(real) * (size_t)n * (size_t)m);
-    if (!ct)
-        return 0;
-    /* ct (n, m) = alpha B^T A */
-    GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (blasint)n, (blasint)m, (blasint)k, alpha, b, (blasint)ldb,
-         a, (blasint)lda, 0, ct, (blasint)m);
-    /* C += ct^T */
-    for (ptrdiff_t i = 0; i < m; i++) {
-        real *ci = c + i * ldc;
-        for (ptrdiff_t q = 0; q < n; q++)
-            ci[q] += ct[q * m + i];
-    }
-    free(ct);
-    return 1;
-}
-
 static inline int FN(gemm_nt_by_panels)(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, real alpha,
                                         const real *a, ptrdiff_t lda, const real *b, ptrdiff_t ldb,
                                         real beta, real *c, ptrdiff_t ldc)
@@ -240,10 +205,6 @@ static inline void FN(gemm_rm)(enum CBLAS_TRANSPOSE ta, enum CBLAS_TRANSPOSE tb,
              beta, c, (blasint)ldc);
         return;
     }
-    if (a_t && !b_t && beta == 1 && n <= LORAC_NARROW_MAX_COLS && m >= LORAC_NARROW_MIN_ROWS &&
-        (double)m * (double)k >= (double)LORAC_NARROW_MIN_WORK &&
-        FN(gemm_tn_narrow)(m, n, k, alpha, a, lda, b, ldb, c, ldc))
-        return;
     if (!a_t && b_t && m <= LORAC_PANEL_MAX_ROWS && k >= LORAC_PANEL_MIN_DEPTH &&
         FN(gemm_nt_by_panels)(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc))
         return;

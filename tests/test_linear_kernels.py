@@ -13,13 +13,10 @@ DTYPES = [np.float32, np.float64]
 # n and r of 2 and 3 take gemm_rm's row-by-row GEMV path, n of 5 and 32 with a
 # depth >= 128 its panel path (two panels of C^T, the second partial; csrc/gemm_impl.h);
 # one row with out > 32 makes dB a k = 1 product that is neither GER nor GEMV:
-# r = 5 takes its transposed-row route, r = 16 the plain one; a long batch
-# into >= 256 rows of dB (out, r) (and of dW0 (out, in) for a narrow input)
-# takes its narrow route, computed as C^T: out m = 256 over n k = 4096 rows,
-# and 1024 over 1030 (m k >= 2^20)
+# r = 5 takes its transposed-row route, r = 16 the plain one
 SHAPES = [(0, 5, 3, 2), (1, 1, 1, 1), (1, 7, 5, 3), (2, 6, 5, 2), (3, 8, 4, 3), (3, 17, 9, 1), (13, 31, 23, 4),
           (65, 20, 70, 8), (5, 130, 300, 4), (32, 128, 260, 2), (1, 40, 70, 5), (1, 40, 70, 16),
-          (130, 9, 11, 16), (4, 0, 6, 2), (4, 6, 0, 2), (4096, 3, 256, 4), (1030, 7, 1024, 17)]
+          (130, 9, 11, 16), (4, 0, 6, 2), (4, 6, 0, 2)]
 
 
 def make_operands(rng, n, fin, fout, r, dtype, fan_in_fan_out, bias, dropout):
