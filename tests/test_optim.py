@@ -358,3 +358,98 @@ def test_step_refuses_aliased_or_non_contiguous_parameters():
     p.grad = np.ones(4)
     with pytest.raises(ValueError, match="writable C-contiguous"):
         opt.step()
+
+
+# -- named parameters (torch's optimizer(model.named_parameters())) ----------------------------
+
+def test_named_parameters_are_kept_saved_and_do_not_change_updates():
+    named, plain = _lora_model(2, np.float64), _lora_model(2, np.float64)
+    opt_named = Adam(named.named_parameters(), lr=0.01)
+    opt_plain = Adam(plain.parameters(), lr=0.01)
+    names = [n for n, _ in named.named_parameters()]
+    assert opt_named.param_groups[0]["param_names"] == names
+    assert "param_names" not in opt_plain.param_groups[0]
+    _train(named, opt_named, 3, 5)
+    _train(plain, opt_plain, 3, 5)
+    for (name, pa), pb in zip(named.named_parameters(), plain.parameters()):
+        np.testing.assert_array_equal(pa.data, pb.data, err_msg=name)
+    sd = opt_named.state_dict()
+    assert sd["param_groups"][0]["param_names"] == names
+    sd["param_groups"][0]["param_names"].append("changed")  # a copy: the optimizer keeps its list
+    assert opt_named.param_groups[0]["param_names"] == names
+    # saved names replace the optimizer's (torch's rule); an unnamed optimizer takes them too
+    renamed = opt_named.state_dict()
+    renamed["param_groups"][0]["param_names"] = [f"p{i}" for i in range(len(names))]
+    opt_plain.load_state_dict(renamed)
+    assert opt_plain.param_groups[0]["param_names"] == [f"p{i}" for i in range(len(names))]
+    opt_named.load_state_dict(opt_plain.state_dict() | {"param_groups": [
+        {k: v for k, v in g.items() if k != "param_names"} for g in opt_plain.state_dict()["param_groups"]]})
+    assert opt_named.param_groups[0]["param_names"] == names  # none saved: ours stay
+
+
+def test_named_parameter_groups():
+    model = _lora_model()
+    first = [(n, p) for n, p in model.named_parameters() if n.startswith("0.")]
+    rest = [(n, p) for n, p in model.named_parameters() if not n.startswith("0.")]
+    opt = SGD([{"params": first, "lr": 1.0}, {"params": rest}], lr=0.1)
+    assert [g["param_names"] for g in opt.param_groups] == [[n for n, _ in first], [n for n, _ in rest]]
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 0.1]
+    assert "param_names: ['0.weight'" in repr(opt)
+
+
+@pytest.mark.torch
+def test_named_state_dict_matches_torch_and_loads(rng):
+    torch = pytest.importorskip("torch")
+    init = {"a.weight": rng.standard_normal((3, 4)), "a.bias": rng.standard_normal(3)}
+    tparams = {n: torch.nn.Parameter(torch.tensor(v)) for n, v in init.items()}
+    topt = torch.optim.Adam(tparams.items(), lr=1e-2)
+    params = {n: lorac.Parameter(v.copy()) for n, v in init.items()}
+    opt = Adam(params.items(), lr=1e-2)
+    for _ in range(3):
+        grads = {n: rng.standard_normal(v.shape) for n, v in init.items()}
+        for n in init:
+            tparams[n].grad, params[n].grad = torch.tensor(grads[n]), grads[n].copy()
+        topt.step()
+        opt.step()
+    tsd, sd = topt.state_dict(), opt.state_dict()
+    assert sd["param_groups"][0]["param_names"] == tsd["param_groups"][0]["param_names"] == list(init)
+    fresh = Adam([(f"x{i}", lorac.Parameter(v.copy())) for i, v in enumerate(init.values())], lr=1.0)
+    fresh.load_state_dict(tsd)
+    assert fresh.param_groups[0]["param_names"] == list(init)
+    for (n, p), q in zip(params.items(), fresh.param_groups[0]["params"]):
+        np.testing.assert_allclose(fresh.state[q]["exp_avg"], topt.state[tparams[n]]["exp_avg"].numpy(),
+                                   rtol=1e-12, err_msg=n)
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda m: SGD([("w", m[0].weight), m[0].bias], lr=0.1), ValueError, r"mixes \(name, Parameter\) pairs"),
+    (lambda m: SGD([(0, m[0].weight)], lr=0.1), TypeError, r"params\[0\] must be a \(str name, Parameter\) pair"),
+    (lambda m: SGD([("w", m[0].weight, 1)], lr=0.1), TypeError, r"pair, got a tuple of str, Parameter, int"),
+    (lambda m: SGD([{"params": [("w", m[0].weight)]}, {"params": [m[0].bias]}], lr=0.1), ValueError,
+     r"all parameter groups must be named .* or none; cannot add a group without names"),
+    (lambda m: SGD([{"params": [m[0].bias]}, {"params": [("w", m[0].weight)]}], lr=0.1), ValueError,
+     r"cannot add a group with names"),
+    (lambda m: SGD(set(m.parameters()), lr=0.1), TypeError, r"ordered iterable .* got a set"),
+    (lambda m: SGD([{"params": set(m.parameters())}], lr=0.1), TypeError, r"got a set"),
+])
+def test_named_parameters_bad_input(make, error, match):
+    with pytest.raises(error, match=match):
+        make(_lora_model())
+
+
+@pytest.mark.parametrize("names,error,match", [
+    ("abc", TypeError, r"group 0's param_names must be a list of str, got str"),
+    (["a"], ValueError, r"group 0's param_names must be 8 str"),
+    ([1] * 8, ValueError, r"must be 8 str"),
+])
+def test_load_state_dict_checks_param_names_before_changing_anything(names, error, match):
+    model = _lora_model()
+    opt = Adam(model.named_parameters(), lr=0.01)
+    _train(model, opt, 1, 0)
+    bad = opt.state_dict()
+    bad["param_groups"][0]["param_names"] = names
+    bad["param_groups"][0]["lr"] = 5.0
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[0]["lr"] == 0.01
+    assert opt.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]

@@ -12,9 +12,11 @@ from ..module import Parameter
 class Optimizer:
     """Base class with torch.optim.Optimizer's bookkeeping.
 
-    ``params`` is an iterable of lorac.Parameter (e.g. ``model.parameters()``)
-    or of dicts ``{"params": [...], "lr": ..., ...}`` (parameter groups with
-    their own hyper-parameters).  ``state`` maps a Parameter to its state dict.
+    ``params`` is an iterable of lorac.Parameter (e.g. ``model.parameters()``),
+    of (name, Parameter) pairs (``model.named_parameters()``: each group then
+    keeps a ``"param_names"`` list, saved in its state dict, as torch does) or
+    of dicts ``{"params": [...], "lr": ..., ...}`` (parameter groups with
+    their own hyper-parameters; all named or none).  ``state`` maps a Parameter to its state dict.
     Subclasses define ``_check_group(group)`` (validates hyper-parameters,
     raising ValueError/TypeError) and ``_update(param, group, state)`` (one
     fused kernel call).
@@ -29,6 +31,9 @@ class Optimizer:
         if isinstance(params, Parameter):
             raise TypeError(f"{type(self).__name__}: params must be an iterable of lorac.Parameter "
                             "(e.g. model.parameters()) or of dicts, got a single Parameter")
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(f"{type(self).__name__}: params must be an ordered iterable (a list, or "
+                            "model.parameters()), got a set, whose order changes between runs")
         try:
             groups = list(params)
         except TypeError:
@@ -50,7 +55,11 @@ class Optimizer:
         if "params" not in param_group:
             raise ValueError(f"{name}: a parameter group needs a 'params' entry")
         params = param_group["params"]
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(f"{name}: a parameter group's params must be an ordered iterable (a list, or "
+                            "model.parameters()), got a set, whose order changes between runs")
         params = [params] if isinstance(params, Parameter) else list(params)
+        params, names = self._split_names(params)
         for i, p in enumerate(params):
             if not isinstance(p, Parameter):
                 raise TypeError(f"{name}: params[{i}] must be a lorac.Parameter, got {type(p).__name__}")
@@ -58,6 +67,9 @@ class Optimizer:
                 raise TypeError(f"{name}: params[{i}] must have dtype float32 or float64, got {p.dtype}")
         if len({id(p) for p in params}) != len(params):
             raise ValueError(f"{name}: a parameter appears twice in one parameter group")
+        if self.param_groups and ("param_names" in self.param_groups[0]) != (names is not None):
+            raise ValueError(f"{name}: all parameter groups must be named (from named_parameters()) or none; "
+                             f"cannot add a group {'with' if names is not None else 'without'} names")
         existing = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in existing for p in params):
             raise ValueError(f"{name}: some parameters appear in more than one parameter group")
@@ -69,7 +81,23 @@ class Optimizer:
         group.update((k, v) for k, v in param_group.items() if k != "params")
         group = self._check_group(group)
         group["params"] = params
+        if names is not None:
+            group["param_names"] = names
         self.param_groups.append(group)
+
+    def _split_names(self, items):
+        """(parameters, names or None) from a list of Parameters or of (name, Parameter) pairs."""
+        named = [isinstance(item, tuple) for item in items]
+        if not any(named):
+            return items, None
+        if not all(named):
+            raise ValueError(f"{type(self).__name__}: a parameter group mixes (name, Parameter) pairs with "
+                             "bare parameters; give all names (named_parameters()) or none")
+        for i, item in enumerate(items):
+            if len(item) != 2 or not isinstance(item[0], str):
+                raise TypeError(f"{type(self).__name__}: params[{i}] must be a (str name, Parameter) pair, got "
+                                f"a tuple of {', '.join(type(x).__name__ for x in item)}")
+        return [item[1] for item in items], [item[0] for item in items]
 
     def _check_group(self, group):
         """Validated copy of a group's hyper-parameters (subclasses extend)."""
@@ -190,6 +218,8 @@ class Optimizer:
             if "initial_lr" in hyper:
                 hyper["initial_lr"] = check_real(hyper["initial_lr"], "initial_lr", f"{name}.load_state_dict()",
                                                  minimum=0)
+            if "param_names" in saved:  # saved names replace ours (torch's rule); they do not steer loading
+                hyper["param_names"] = self._checked_names(saved["param_names"], len(ids), g)
             hyper["params"] = mine["params"]
             new_groups.append(hyper)
         new_state = {}
@@ -200,6 +230,16 @@ class Optimizer:
             new_state[param] = self._checked_state(key, param, entry)
         self.param_groups[:] = new_groups
         self.state = new_state
+
+    def _checked_names(self, names, count, g):
+        """A saved group's param_names as a new list of `count` strings."""
+        owner = f"{type(self).__name__}.load_state_dict()"
+        if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+            raise TypeError(f"{owner}: group {g}'s param_names must be a list of str, got {type(names).__name__}")
+        names = list(names)
+        if len(names) != count or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{owner}: group {g}'s param_names must be {count} str, got {names!r:.200}")
+        return names
 
     def _checked_state(self, key, param, entry):
         """A validated copy of one parameter's saved state."""
