@@ -246,6 +246,8 @@ def _plain_layer(layer):
     new.__dict__["_parameters"] = OrderedDict((k, v) for k, v in layer._parameters.items()
                                               if not k.startswith("lora_"))
     new.__dict__["_modules"] = OrderedDict(layer._modules)
+    new.__dict__["_buffers"] = OrderedDict(layer._buffers)
+    new.__dict__["_non_persistent_buffers"] = set(layer._non_persistent_buffers)
     forget_thread_state(new)
     new._init_lora(0, 1, 0.0, layer.merge_weights, False)
     new.weight.requires_grad = True

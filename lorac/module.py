@@ -2,7 +2,8 @@
 
 A Module's attributes that are Parameters or Modules register themselves, so
 ``named_parameters()``, ``state_dict()`` and friends see them with torch's
-dotted names.  Gradients are explicit: ``forward`` keeps what ``backward``
+dotted names; ``register_buffer`` adds arrays that are state but not
+parameters (saved unless ``persistent=False``, never trained).  Gradients are explicit: ``forward`` keeps what ``backward``
 needs; ``backward(grad_output)`` returns the input's gradient and accumulates
 ``Parameter.grad`` for parameters with ``requires_grad``.
 """
@@ -79,6 +80,8 @@ class Module:
 
     def __init__(self):
         object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_non_persistent_buffers", set())
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "training", True)
 
@@ -86,20 +89,24 @@ class Module:
     def __setattr__(self, name, value):
         params = self.__dict__.get("_parameters")
         modules = self.__dict__.get("_modules")
-        if params is not None and name not in params and name not in modules \
+        buffers = self.__dict__.get("_buffers")
+        if params is not None and name not in params and name not in modules and name not in buffers \
                 and not isinstance(value, (Parameter, Module)):
             object.__setattr__(self, name, value)  # plain attribute: the common, fast case
             return
         if params is None:
             raise AttributeError(f"call Module.__init__() before assigning attributes ({name!r})")
         if isinstance(value, Parameter):
-            modules.pop(name, None)
-            self.__dict__.pop(name, None)
+            self._forget_name(name, params)
             params[name] = value
         elif isinstance(value, Module):
-            params.pop(name, None)
-            self.__dict__.pop(name, None)
+            self._forget_name(name, modules)
             modules[name] = value
+        elif name in buffers:
+            if value is not None and not isinstance(value, np.ndarray):
+                raise TypeError(f"cannot assign {type(value).__name__} as buffer {name!r} "
+                                "(expected a numpy.ndarray or None)")
+            buffers[name] = None if value is None else _checked_buffer(name, value)
         elif name in params:
             if value is not None:
                 raise TypeError(f"cannot assign {type(value).__name__} as parameter {name!r} "
@@ -119,6 +126,8 @@ class Module:
             return d["_parameters"][name]
         if "_modules" in d and name in d["_modules"]:
             return d["_modules"][name]
+        if "_buffers" in d and name in d["_buffers"]:
+            return d["_buffers"][name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __delattr__(self, name):
@@ -126,23 +135,57 @@ class Module:
             del self._parameters[name]
         elif name in self._modules:
             del self._modules[name]
+        elif name in self._buffers:
+            del self._buffers[name]
+            self._non_persistent_buffers.discard(name)
         else:
             object.__delattr__(self, name)
+
+    def _forget_name(self, name, keep):
+        """Drop `name` as a plain attribute and from every registry but `keep`,
+        the one it is about to be set in (where it keeps its place, as in torch)."""
+        self.__dict__.pop(name, None)
+        for registry in (self._parameters, self._modules, self._buffers):
+            if registry is not keep:
+                registry.pop(name, None)
+        self._non_persistent_buffers.discard(name)
 
     def register_parameter(self, name, param):
         if param is not None and not isinstance(param, Parameter):
             raise TypeError(f"register_parameter({name!r}): expected a lorac.Parameter or None, "
                             f"got {type(param).__name__}")
-        self.__dict__.pop(name, None)
-        self._modules.pop(name, None)
+        self._forget_name(name, self._parameters)
         self._parameters[name] = param
 
     def add_module(self, name, module):
         if module is not None and not isinstance(module, Module):
             raise TypeError(f"add_module({name!r}): expected a lorac.Module or None, got {type(module).__name__}")
-        self.__dict__.pop(name, None)
-        self._parameters.pop(name, None)
+        self._forget_name(name, self._modules)
         self._modules[name] = module
+
+    def register_buffer(self, name, array, persistent=True):
+        """Register `array` (a numpy.ndarray, or None) as state that is not a parameter,
+        as torch's register_buffer: reachable as an attribute, listed by
+        named_buffers(), cast by to(dtype) when floating-point, and saved in
+        state_dict() (and loaded by load_state_dict) unless persistent=False.
+        The array is kept as given (not copied) when C-contiguous and writable."""
+        if not isinstance(name, str):
+            raise TypeError(f"register_buffer: name must be a str, got {type(name).__name__}")
+        if not name or "." in name:
+            raise KeyError(f"register_buffer: name must be a non-empty str without '.', got {name!r}")
+        if "_buffers" not in self.__dict__:
+            raise AttributeError(f"call Module.__init__() before register_buffer({name!r})")
+        if name not in self._buffers and (name in self._parameters or name in self._modules or
+                                          hasattr(type(self), name) or name in self.__dict__):
+            raise KeyError(f"register_buffer: attribute {name!r} already exists")
+        if array is not None and not isinstance(array, np.ndarray):
+            raise TypeError(f"register_buffer({name!r}): expected a numpy.ndarray or None, "
+                            f"got {type(array).__name__}")
+        self._buffers[name] = None if array is None else _checked_buffer(name, array)
+        if persistent:
+            self._non_persistent_buffers.discard(name)
+        else:
+            self._non_persistent_buffers.add(name)
 
     # -- traversal ------------------------------------------------------
     def named_children(self):
@@ -206,6 +249,34 @@ class Module:
         fn(self)
         return self
 
+    def get_buffer(self, target):
+        """The buffer at dotted path `target` (e.g. "0.mask"), as in torch."""
+        if not isinstance(target, str):
+            raise TypeError(f"get_buffer: target must be a dotted str path, got {type(target).__name__}")
+        module_path, _, name = target.rpartition(".")
+        module = self.get_submodule(module_path)
+        array = module._buffers.get(name)
+        if array is None:
+            raise AttributeError(f"get_buffer({target!r}): {name!r} is not a buffer of {_where(module_path)} "
+                                 f"({type(module).__name__}), whose buffers are "
+                                 f"{[n for n, b in module._buffers.items() if b is not None]}")
+        return array
+
+    def named_buffers(self, prefix="", recurse=True):
+        """(dotted name, array) of every buffer, each array once, as torch's named_buffers."""
+        seen = set()
+        modules = self.named_modules(prefix) if recurse else [(prefix, self)]
+        for module_prefix, module in modules:
+            for name, array in module._buffers.items():
+                if array is None or id(array) in seen:
+                    continue
+                seen.add(id(array))
+                yield (f"{module_prefix}.{name}" if module_prefix else name), array
+
+    def buffers(self, recurse=True):
+        for _, array in self.named_buffers(recurse=recurse):
+            yield array
+
     def named_parameters(self, prefix="", recurse=True):
         seen = set()
         modules = self.named_modules(prefix) if recurse else [(prefix, self)]
@@ -222,7 +293,8 @@ class Module:
 
     # -- state dicts ----------------------------------------------------
     def _state_items(self):
-        """(local name, array) of this module's own state, in registration order.
+        """(local name, array) of this module's own state, in registration order:
+        parameters, then persistent buffers (torch's order).
 
         The arrays are the live parameter data (like torch's detached tensors);
         layers whose stored weight differs from the canonical one (a merged
@@ -230,14 +302,23 @@ class Module:
         for name, param in self._parameters.items():
             if param is not None:
                 yield name, param.data
+        for name, array in self._persistent_buffers():
+            yield name, array
+
+    def _persistent_buffers(self):
+        """(local name, array) of this module's buffers that state_dict saves."""
+        for name, array in self._buffers.items():
+            if array is not None and name not in self._non_persistent_buffers:
+                yield name, array
 
     def _load_state_items(self, values):
         """Copy already validated arrays {local name: array} into this module."""
         for name, value in values.items():
-            np.copyto(self._parameters[name].data, value, casting="unsafe")
+            target = self._parameters[name].data if name in self._parameters else self._buffers[name]
+            np.copyto(target, value, casting="unsafe")
 
     def state_dict(self, prefix=""):
-        """OrderedDict of dotted name -> ndarray for every parameter (torch's keys)."""
+        """OrderedDict of dotted name -> ndarray for every parameter and persistent buffer (torch's keys)."""
         out = OrderedDict()
         for module_prefix, module in self.named_modules():
             full = prefix + (module_prefix + "." if module_prefix else "")
@@ -257,12 +338,12 @@ class Module:
         """
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict must be a mapping of str -> array, got {type(state_dict).__name__}")
-        targets = {}  # full key -> (module, local name, Parameter)
+        targets = {}  # full key -> (module, local name, Parameter or buffer array)
         for module_prefix, module in self.named_modules():
-            for name, param in module._parameters.items():
-                if param is not None:
-                    key = f"{module_prefix}.{name}" if module_prefix else name
-                    targets.setdefault(key, (module, name, param))
+            owned = [(n, p) for n, p in module._parameters.items() if p is not None]
+            for name, holder in owned + list(module._persistent_buffers()):
+                key = f"{module_prefix}.{name}" if module_prefix else name
+                targets.setdefault(key, (module, name, holder))
         missing = [k for k in targets if k not in state_dict]
         unexpected = [k for k in state_dict.keys() if k not in targets]
         if strict and (missing or unexpected):
@@ -311,8 +392,9 @@ class Module:
 
     # -- dtype ------------------------------------------------------------
     def to(self, *args, **kwargs):
-        """Cast every floating-point parameter, and its gradient, to dtype
-        (float32 or float64) in place and return self, as torch's module.to(dtype).
+        """Cast every floating-point parameter, and its gradient, and every
+        floating-point buffer to dtype (float32 or float64) in place and return
+        self, as torch's module.to(dtype).
 
         Takes torch's forms: to(dtype), to(device), to(device, dtype) and the
         keywords device=, dtype=, non_blocking=.  The device must be the CPU
@@ -338,9 +420,11 @@ class Module:
                 seen.add(id(param))
                 grad = None if param.grad is None else param.grad.astype(dtype, copy=False)
                 own.append((param, param.data.astype(dtype, copy=False), grad))
-            casts.append((module, own))
-        for module, own in casts:
-            module._take_cast(own, dtype)
+            buffers = {name: array.astype(dtype, copy=False) for name, array in module._buffers.items()
+                       if array is not None and array.dtype.kind == "f"}
+            casts.append((module, own, buffers))
+        for module, own, buffers in casts:
+            module._take_cast(own, dtype, buffers)
         return self
 
     def cpu(self):
@@ -357,10 +441,12 @@ class Module:
     def double(self):
         return self.to(np.float64)
 
-    def _take_cast(self, casts, dtype):
-        """Swap in this module's cast arrays [(param, data, grad)] and its new dtype."""
+    def _take_cast(self, casts, dtype, buffers):
+        """Swap in this module's cast arrays [(param, data, grad)], its cast
+        buffers {name: array} and its new dtype."""
         for param, data, grad in casts:
             param.data, param.grad = data, grad
+        self._buffers.update(buffers)
         if "dtype" in self.__dict__:
             self.dtype = dtype
         self._forget_forward()
@@ -384,7 +470,7 @@ class Module:
 
     def __dir__(self):
         """Attributes plus registered parameters and children (tab completion), as in torch."""
-        names = set(super().__dir__()) | set(self._parameters) | set(self._modules)
+        names = set(super().__dir__()) | set(self._parameters) | set(self._modules) | set(self._buffers)
         return sorted(name for name in names if not name[:1].isdigit())
 
     # -- printing -------------------------------------------------------
@@ -402,6 +488,13 @@ class Module:
 def _where(path):
     """A dotted module path for a message; "" is the model itself."""
     return repr(path) if path else "the model"
+
+
+def _checked_buffer(name, array):
+    """A buffer's array: numeric or bool, C-contiguous and writable (loading copies into it in place)."""
+    if array.dtype.kind not in "fiub":
+        raise TypeError(f"buffer {name!r}: expected a numeric or bool array, got dtype {array.dtype}")
+    return np.require(array, requirements=["C", "A", "W"])
 
 
 def _checked_value(key, value, param):

@@ -95,10 +95,10 @@ class ThreadState:
         return state
 
     @locked
-    def _take_cast(self, casts, dtype):
+    def _take_cast(self, casts, dtype, buffers):
         """Module.to's swap, under the layer's lock (a running forward sees
         all old or all new arrays)."""
-        super()._take_cast(casts, dtype)
+        super()._take_cast(casts, dtype, buffers)
 
     def _forget_forward(self):
         self.__dict__.pop("_tls", None)  # every thread's forward cache

@@ -93,6 +93,8 @@ def build_layer(old, r, lora_alpha, use_rslora, lora_dropout, rng):
     new.__dict__.update(old.__dict__)
     new.__dict__["_parameters"] = OrderedDict(old._parameters)
     new.__dict__["_modules"] = OrderedDict(old._modules)
+    new.__dict__["_buffers"] = OrderedDict(old._buffers)
+    new.__dict__["_non_persistent_buffers"] = set(old._non_persistent_buffers)
     forget_thread_state(new)
     is_embedding = cls is Embedding
     new._init_lora(r, lora_alpha, 0.0 if is_embedding else lora_dropout, old.merge_weights, use_rslora)
