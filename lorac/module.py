@@ -230,17 +230,25 @@ class Module:
 
     def get_parameter(self, target):
         """The Parameter at dotted path `target` (e.g. "0.lora_A"), as in torch."""
+        return self._get_registered("get_parameter", "parameter", "_parameters", target)
+
+    def get_buffer(self, target):
+        """The buffer at dotted path `target` (e.g. "0.mask"), as in torch."""
+        return self._get_registered("get_buffer", "buffer", "_buffers", target)
+
+    def _get_registered(self, method, kind, registry, target):
+        """The entry of `registry` (a module's "_parameters" or "_buffers") at dotted path `target`."""
         if not isinstance(target, str):
-            raise TypeError(f"get_parameter: target must be a dotted str path, got {type(target).__name__}")
+            raise TypeError(f"{method}: target must be a dotted str path, got {type(target).__name__}")
         module_path, _, name = target.rpartition(".")
         module = self.get_submodule(module_path)
-        param = module._parameters.get(name)
-        if param is None:
-            raise AttributeError(f"get_parameter({target!r}): {name!r} is not a parameter of "
-                                 f"{_where(module_path)} "
-                                 f"({type(module).__name__}), whose parameters are "
-                                 f"{[n for n, p in module._parameters.items() if p is not None]}")
-        return param
+        entries = getattr(module, registry)
+        value = entries.get(name)
+        if value is None:
+            raise AttributeError(f"{method}({target!r}): {name!r} is not a {kind} of {_where(module_path)} "
+                                 f"({type(module).__name__}), whose {kind}s are "
+                                 f"{[n for n, v in entries.items() if v is not None]}")
+        return value
 
     def apply(self, fn):
         """Call fn on every child module, recursively, then on this one; returns self (torch's order)."""
@@ -249,43 +257,27 @@ class Module:
         fn(self)
         return self
 
-    def get_buffer(self, target):
-        """The buffer at dotted path `target` (e.g. "0.mask"), as in torch."""
-        if not isinstance(target, str):
-            raise TypeError(f"get_buffer: target must be a dotted str path, got {type(target).__name__}")
-        module_path, _, name = target.rpartition(".")
-        module = self.get_submodule(module_path)
-        array = module._buffers.get(name)
-        if array is None:
-            raise AttributeError(f"get_buffer({target!r}): {name!r} is not a buffer of {_where(module_path)} "
-                                 f"({type(module).__name__}), whose buffers are "
-                                 f"{[n for n, b in module._buffers.items() if b is not None]}")
-        return array
-
     def named_buffers(self, prefix="", recurse=True):
         """(dotted name, array) of every buffer, each array once, as torch's named_buffers."""
-        seen = set()
-        modules = self.named_modules(prefix) if recurse else [(prefix, self)]
-        for module_prefix, module in modules:
-            for name, array in module._buffers.items():
-                if array is None or id(array) in seen:
-                    continue
-                seen.add(id(array))
-                yield (f"{module_prefix}.{name}" if module_prefix else name), array
+        return self._named_registered("_buffers", prefix, recurse)
 
     def buffers(self, recurse=True):
         for _, array in self.named_buffers(recurse=recurse):
             yield array
 
     def named_parameters(self, prefix="", recurse=True):
+        return self._named_registered("_parameters", prefix, recurse)
+
+    def _named_registered(self, registry, prefix, recurse):
+        """(dotted name, value) of every non-None entry of each module's `registry`, each object once."""
         seen = set()
         modules = self.named_modules(prefix) if recurse else [(prefix, self)]
         for module_prefix, module in modules:
-            for name, param in module._parameters.items():
-                if param is None or id(param) in seen:
+            for name, value in getattr(module, registry).items():
+                if value is None or id(value) in seen:
                     continue
-                seen.add(id(param))
-                yield (f"{module_prefix}.{name}" if module_prefix else name), param
+                seen.add(id(value))
+                yield (f"{module_prefix}.{name}" if module_prefix else name), value
 
     def parameters(self, recurse=True):
         for _, param in self.named_parameters(recurse=recurse):
