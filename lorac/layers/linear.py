@@ -88,13 +88,14 @@ class Linear(LoRALayer, Module):
         with d.get("_lock") or layer_lock(self):
             # The dtype by identity: NumPy's builtin dtypes are singletons, and
             # an equal but distinct dtype object only takes the checked route.
-            if type(x) is not np.ndarray or x.dtype is not d["dtype"]:
+            checked = type(x) is not np.ndarray or x.dtype is not d["dtype"]
+            if checked:
                 x = self._checked_input(x)
             shape = x.shape
             if len(shape) == 2 and shape[1] == d["in_features"]:
                 x2, out_shape = x, (shape[0], d["out_features"])
             else:  # (..., in_features); any other shape raises in _checked_input
-                x2 = self._checked_input(x).reshape(-1, d["in_features"])
+                x2 = (x if checked else self._checked_input(x)).reshape(-1, d["in_features"])
                 out_shape = shape[:-1] + (d["out_features"],)
             params = d["_parameters"]
             if d["_plain"]:  # loralib's state: "default" only (layers/adapters.py)
