@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 # layers and model bookkeeping
 from .config import blas_info, get_num_threads, set_num_threads, show_config
 from .module import IncompatibleKeys, Module, Parameter, StateDictKeyError
-from .containers import Sequential
+from .containers import ModuleDict, ModuleList, Sequential
 from .layers import (GELU, Dropout, Embedding, LayerNorm, Linear, LoRALayer, MergedLinear, MoLoRALinear,
                      ReLU, Tanh)
 from .losses import CrossEntropyLoss, MSELoss
@@ -36,7 +36,7 @@ from .lowrank import extract_adapter, extract_lora, projection_distance, rank_re
 __all__ = [
     "__version__",
     "blas_info", "get_num_threads", "set_num_threads", "show_config",
-    "Module", "Parameter", "IncompatibleKeys", "StateDictKeyError", "Sequential",
+    "Module", "Parameter", "IncompatibleKeys", "StateDictKeyError", "Sequential", "ModuleList", "ModuleDict",
     "LoRALayer", "Linear", "Embedding", "MergedLinear", "MoLoRALinear",
     "ReLU", "GELU", "Tanh", "Dropout", "LayerNorm", "CrossEntropyLoss", "MSELoss",
     "functional", "nn", "optim",

@@ -3,8 +3,9 @@
 A Module's attributes that are Parameters or Modules register themselves, so
 ``named_parameters()``, ``state_dict()`` and friends see them with torch's
 dotted names; ``register_buffer`` adds arrays that are state but not
-parameters (saved unless ``persistent=False``, never trained).  Gradients are explicit: ``forward`` keeps what ``backward``
-needs; ``backward(grad_output)`` returns the input's gradient and accumulates
+parameters (saved unless ``persistent=False``, never trained).  Gradients
+are explicit: ``forward`` keeps what ``backward`` needs;
+``backward(grad_output)`` returns the input's gradient and accumulates
 ``Parameter.grad`` for parameters with ``requires_grad``.
 """
 

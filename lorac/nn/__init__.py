@@ -10,13 +10,13 @@ clipping (``clip_grad_norm_``, ``clip_grad_value_``).
 
 from .. import functional
 from . import utils
-from ..containers import Sequential
+from ..containers import ModuleDict, ModuleList, Sequential
 from ..layers import GELU, Dropout, LayerNorm, Linear, LoRALayer, ReLU, Tanh
 from ..losses import CrossEntropyLoss, MSELoss
 from ..module import Module, Parameter
 
-__all__ = ["Module", "Parameter", "Sequential", "LoRALayer", "Linear", "ReLU", "GELU", "Tanh", "Dropout",
-           "LayerNorm", "CrossEntropyLoss", "MSELoss", "functional", "utils"]
+__all__ = ["Module", "Parameter", "Sequential", "ModuleList", "ModuleDict", "LoRALayer", "Linear", "ReLU",
+           "GELU", "Tanh", "Dropout", "LayerNorm", "CrossEntropyLoss", "MSELoss", "functional", "utils"]
 
 # Layers other issues add to lorac.layers, exported when present.
 from .. import layers as _layers  # noqa: E402
