@@ -241,13 +241,7 @@ def _replace_by_plain(model, layers):
 def _plain_layer(layer):
     """The layer the constructor gives with r = 0, holding `layer`'s (merged)
     weight and bias Parameters (no copy); `layer` is left as it is."""
-    new = object.__new__(type(layer))
-    new.__dict__.update(layer.__dict__)
-    new.__dict__["_parameters"] = OrderedDict((k, v) for k, v in layer._parameters.items()
-                                              if not k.startswith("lora_"))
-    new.__dict__["_modules"] = OrderedDict(layer._modules)
-    new.__dict__["_buffers"] = OrderedDict(layer._buffers)
-    new.__dict__["_non_persistent_buffers"] = set(layer._non_persistent_buffers)
+    new = layer._copy_sharing_contents((k, v) for k, v in layer._parameters.items() if not k.startswith("lora_"))
     forget_thread_state(new)
     new._init_lora(0, 1, 0.0, layer.merge_weights, False)
     new.weight.requires_grad = True

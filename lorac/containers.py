@@ -197,8 +197,7 @@ class ModuleDict(Module):
             key, module = pair
             if not isinstance(key, str) or not key or "." in key:
                 raise KeyError(f"ModuleDict: a key must be a non-empty str without '.', got {key!r}")
-            if key not in self._modules and (hasattr(type(self), key) or key in self.__dict__ or
-                                             key in self._parameters or key in self._buffers):
+            if self._name_taken(key, self._modules):
                 raise KeyError(f"ModuleDict: key {key!r} is already an attribute of ModuleDict")
             if not isinstance(module, Module):
                 raise TypeError(f"ModuleDict: item {key!r} must be a lorac.Module, got {type(module).__name__}")

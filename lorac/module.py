@@ -151,6 +151,26 @@ class Module:
                 registry.pop(name, None)
         self._non_persistent_buffers.discard(name)
 
+    def _copy_sharing_contents(self, parameters):
+        """A new instance of this module's class with its attributes, children
+        and buffers, but registries of its own, holding `parameters` ((name,
+        Parameter) pairs): a layer rebuilt around the same arrays."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.__dict__["_parameters"] = OrderedDict(parameters)
+        new.__dict__["_modules"] = OrderedDict(self._modules)
+        new.__dict__["_buffers"] = OrderedDict(self._buffers)
+        new.__dict__["_non_persistent_buffers"] = set(self._non_persistent_buffers)
+        return new
+
+    def _name_taken(self, name, keep):
+        """Whether `name` is already an attribute, a method or an entry of a
+        registry other than `keep` (where re-registering it is allowed)."""
+        if name in keep:
+            return False
+        return (any(name in registry for registry in (self._parameters, self._modules, self._buffers)) or
+                hasattr(type(self), name) or name in self.__dict__)
+
     def register_parameter(self, name, param):
         if param is not None and not isinstance(param, Parameter):
             raise TypeError(f"register_parameter({name!r}): expected a lorac.Parameter or None, "
@@ -176,8 +196,7 @@ class Module:
             raise KeyError(f"register_buffer: name must be a non-empty str without '.', got {name!r}")
         if "_buffers" not in self.__dict__:
             raise AttributeError(f"call Module.__init__() before register_buffer({name!r})")
-        if name not in self._buffers and (name in self._parameters or name in self._modules or
-                                          hasattr(type(self), name) or name in self.__dict__):
+        if self._name_taken(name, self._buffers):
             raise KeyError(f"register_buffer: attribute {name!r} already exists")
         if array is not None and not isinstance(array, np.ndarray):
             raise TypeError(f"register_buffer({name!r}): expected a numpy.ndarray or None, "

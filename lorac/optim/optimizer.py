@@ -16,7 +16,8 @@ class Optimizer:
     of (name, Parameter) pairs (``model.named_parameters()``: each group then
     keeps a ``"param_names"`` list, saved in its state dict, as torch does) or
     of dicts ``{"params": [...], "lr": ..., ...}`` (parameter groups with
-    their own hyper-parameters; all named or none).  ``state`` maps a Parameter to its state dict.
+    their own hyper-parameters; all named or none).  ``state`` maps a
+    Parameter to its state dict.
     Subclasses define ``_check_group(group)`` (validates hyper-parameters,
     raising ValueError/TypeError) and ``_update(param, group, state)`` (one
     fused kernel call).
@@ -31,9 +32,7 @@ class Optimizer:
         if isinstance(params, Parameter):
             raise TypeError(f"{type(self).__name__}: params must be an iterable of lorac.Parameter "
                             "(e.g. model.parameters()) or of dicts, got a single Parameter")
-        if isinstance(params, (set, frozenset)):
-            raise TypeError(f"{type(self).__name__}: params must be an ordered iterable (a list, or "
-                            "model.parameters()), got a set, whose order changes between runs")
+        self._reject_set(params, "params")
         try:
             groups = list(params)
         except TypeError:
@@ -55,9 +54,7 @@ class Optimizer:
         if "params" not in param_group:
             raise ValueError(f"{name}: a parameter group needs a 'params' entry")
         params = param_group["params"]
-        if isinstance(params, (set, frozenset)):
-            raise TypeError(f"{name}: a parameter group's params must be an ordered iterable (a list, or "
-                            "model.parameters()), got a set, whose order changes between runs")
+        self._reject_set(params, "a parameter group's params")
         params = [params] if isinstance(params, Parameter) else list(params)
         params, names = self._split_names(params)
         for i, p in enumerate(params):
@@ -84,6 +81,11 @@ class Optimizer:
         if names is not None:
             group["param_names"] = names
         self.param_groups.append(group)
+
+    def _reject_set(self, params, what):
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(f"{type(self).__name__}: {what} must be an ordered iterable (a list, or "
+                            "model.parameters()), got a set, whose order changes between runs")
 
     def _split_names(self, items):
         """(parameters, names or None) from a list of Parameters or of (name, Parameter) pairs."""

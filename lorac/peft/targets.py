@@ -13,7 +13,6 @@ initialisation, O(r (in + out)); the base weight is never redrawn.
 """
 
 import re
-from collections import OrderedDict
 
 import numpy as np
 
@@ -89,12 +88,7 @@ def build_layer(old, r, lora_alpha, use_rslora, lora_dropout, rng):
     parameters are shared with ``old`` until ``swap_layer`` moves them.
     """
     cls = type(old)
-    new = object.__new__(cls)
-    new.__dict__.update(old.__dict__)
-    new.__dict__["_parameters"] = OrderedDict(old._parameters)
-    new.__dict__["_modules"] = OrderedDict(old._modules)
-    new.__dict__["_buffers"] = OrderedDict(old._buffers)
-    new.__dict__["_non_persistent_buffers"] = set(old._non_persistent_buffers)
+    new = old._copy_sharing_contents(old._parameters.items())
     forget_thread_state(new)
     is_embedding = cls is Embedding
     new._init_lora(r, lora_alpha, 0.0 if is_embedding else lora_dropout, old.merge_weights, use_rslora)
