@@ -217,17 +217,23 @@ class Module:
         for _, module in self.named_children():
             yield module
 
-    def named_modules(self, prefix="", _memo=None):
-        memo = set() if _memo is None else _memo
-        if id(self) in memo:
-            return
-        memo.add(id(self))
+    def named_modules(self, memo=None, prefix="", remove_duplicate=True):
+        """(dotted path, module) of this module and then every descendant, depth
+        first, as torch's: a module reached by two paths is listed once (at
+        the first) unless remove_duplicate=False; `memo` is the set of modules
+        already listed."""
+        if memo is None:
+            memo = set()
+        if remove_duplicate:
+            if self in memo:
+                return
+            memo.add(self)
         yield prefix, self
         for name, child in self.named_children():
-            yield from child.named_modules(f"{prefix}.{name}" if prefix else name, memo)
+            yield from child.named_modules(memo, f"{prefix}.{name}" if prefix else name, remove_duplicate)
 
-    def modules(self):
-        for _, module in self.named_modules():
+    def modules(self, remove_duplicate=True):
+        for _, module in self.named_modules(remove_duplicate=remove_duplicate):
             yield module
 
     def get_submodule(self, target):
@@ -277,24 +283,30 @@ class Module:
         fn(self)
         return self
 
-    def named_buffers(self, prefix="", recurse=True):
-        """(dotted name, array) of every buffer, each array once, as torch's named_buffers."""
-        return self._named_registered("_buffers", prefix, recurse)
+    def named_buffers(self, prefix="", recurse=True, remove_duplicate=True):
+        """(dotted name, array) of every buffer, as torch's named_buffers: each
+        array once unless remove_duplicate=False."""
+        return self._named_registered("_buffers", prefix, recurse, remove_duplicate)
 
     def buffers(self, recurse=True):
         for _, array in self.named_buffers(recurse=recurse):
             yield array
 
-    def named_parameters(self, prefix="", recurse=True):
-        return self._named_registered("_parameters", prefix, recurse)
+    def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
+        """(dotted name, Parameter) of every parameter, as torch's
+        named_parameters: a shared (tied) one once, under its first name,
+        unless remove_duplicate=False."""
+        return self._named_registered("_parameters", prefix, recurse, remove_duplicate)
 
-    def _named_registered(self, registry, prefix, recurse):
-        """(dotted name, value) of every non-None entry of each module's `registry`, each object once."""
+    def _named_registered(self, registry, prefix, recurse, remove_duplicate):
+        """(dotted name, value) of every non-None entry of each module's
+        `registry`, each object once when remove_duplicate."""
         seen = set()
-        modules = self.named_modules(prefix) if recurse else [(prefix, self)]
+        modules = self.named_modules(prefix=prefix, remove_duplicate=remove_duplicate) if recurse \
+            else [(prefix, self)]
         for module_prefix, module in modules:
             for name, value in getattr(module, registry).items():
-                if value is None or id(value) in seen:
+                if value is None or (remove_duplicate and id(value) in seen):
                     continue
                 seen.add(id(value))
                 yield (f"{module_prefix}.{name}" if module_prefix else name), value
@@ -323,22 +335,41 @@ class Module:
             if array is not None and name not in self._non_persistent_buffers:
                 yield name, array
 
-    def _load_state_items(self, values):
-        """Copy already validated arrays {local name: array} into this module."""
+    def _load_state_items(self, values, assign=False):
+        """Put already validated arrays {local name: array} into this module:
+        copied into the existing arrays, or (assign=True, each array already
+        of the target's dtype, C-contiguous and writable) taken as they are."""
         for name, value in values.items():
-            target = self._parameters[name].data if name in self._parameters else self._buffers[name]
-            np.copyto(target, value, casting="unsafe")
+            param = self._parameters.get(name)
+            if not assign:
+                np.copyto(self._buffers[name] if param is None else param.data, value, casting="unsafe")
+            elif param is None:
+                self._buffers[name] = value
+            else:
+                param.data = value
+        if assign and values:
+            self._forget_forward()
 
-    def state_dict(self, prefix=""):
-        """OrderedDict of dotted name -> ndarray for every parameter and persistent buffer (torch's keys)."""
-        out = OrderedDict()
-        for module_prefix, module in self.named_modules():
+    def state_dict(self, *, destination=None, prefix="", keep_vars=False):
+        """Every parameter and persistent buffer by dotted name, with torch's
+        keys and order (a module or parameter reachable by two paths is under
+        both), in `destination` (returned) or a new OrderedDict.
+
+        The values are the live arrays, as torch's are detached tensors
+        sharing storage: a parameter's data, or with keep_vars=True the
+        Parameter itself.  A merged LoRA layer's weight is the exception: it
+        is saved unmerged, as a computed array no Parameter holds."""
+        if not isinstance(prefix, str):
+            raise TypeError(f"state_dict: prefix must be a str, got {type(prefix).__name__}")
+        out = OrderedDict() if destination is None else destination
+        for module_prefix, module in self.named_modules(remove_duplicate=False):
             full = prefix + (module_prefix + "." if module_prefix else "")
             for name, value in module._state_items():
-                out[full + name] = value
+                param = module._parameters.get(name) if keep_vars else None
+                out[full + name] = param if param is not None and value is param.data else value
         return out
 
-    def load_state_dict(self, state_dict, strict=True):
+    def load_state_dict(self, state_dict, strict=True, assign=False):
         """Load arrays by name; all-or-nothing.
 
         Every value is checked (shape, numeric dtype) before anything is
@@ -347,11 +378,22 @@ class Module:
         loads what matches and returns ``IncompatibleKeys(missing_keys,
         unexpected_keys)``.  A shape mismatch always raises ValueError naming
         the key, the expected and the found shape.
+
+        Values are copied into the model's arrays (cast to their dtype).
+        assign=True, as torch's, makes the model take the arrays themselves
+        instead -- no copy -- where an array already has the parameter's (or
+        buffer's) dtype and is C-contiguous, aligned and writable; others are
+        converted first.  The Parameter objects stay (an optimizer keeps
+        them) and so does requires_grad.  From then on the model owns those
+        arrays: training steps and merging change them in place, as the
+        caller will see.
         """
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict must be a mapping of str -> array, got {type(state_dict).__name__}")
+        if not isinstance(assign, bool):
+            raise TypeError(f"load_state_dict: assign must be a bool, got {type(assign).__name__}")
         targets = {}  # full key -> (module, local name, Parameter or buffer array)
-        for module_prefix, module in self.named_modules():
+        for module_prefix, module in self.named_modules(remove_duplicate=False):
             owned = [(n, p) for n, p in module._parameters.items() if p is not None]
             for name, holder in owned + list(module._persistent_buffers()):
                 key = f"{module_prefix}.{name}" if module_prefix else name
@@ -372,9 +414,11 @@ class Module:
             if key not in state_dict:
                 continue
             value = _checked_value(key, state_dict[key], param)
+            if assign:
+                value = np.require(value, dtype=param.dtype, requirements=["C", "A", "W"])
             per_module.setdefault(id(module), (module, {}))[1][name] = value
         for module, values in per_module.values():
-            module._load_state_items(values)
+            module._load_state_items(values, assign)
         return IncompatibleKeys(missing, unexpected)
 
     # -- modes and gradients ---------------------------------------------

@@ -100,5 +100,11 @@ class ThreadState:
         all old or all new arrays)."""
         super()._take_cast(casts, dtype, buffers)
 
+    @locked
+    def _load_state_items(self, values, assign=False):
+        """Module's load, under the layer's lock (a running forward sees all
+        old or all new values)."""
+        super()._load_state_items(values, assign)
+
     def _forget_forward(self):
         self.__dict__.pop("_tls", None)  # every thread's forward cache

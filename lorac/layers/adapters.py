@@ -426,10 +426,13 @@ class NamedAdapters(ThreadState):
             yield name, value
 
     @locked
-    def _load_state_items(self, values):
+    def _load_state_items(self, values, assign=False):
         """Loading equals: take the merged adapters whose arrays change out of
         the weight (all of them when the weight itself changes), copy, merge
-        them again.  An unmerged adapter is a plain in-place copy."""
+        them again.  An unmerged adapter is a plain in-place copy.  With
+        assign, a new weight is unmerged (as saved) and the merged adapters
+        go into it, so it is copied first: merging must not write into an
+        array the caller (or another model) still holds."""
         touched = set()
         for name in values:
             if name == "weight":
@@ -438,12 +441,14 @@ class NamedAdapters(ThreadState):
                 if name in param_names(adapter):
                     touched.add(adapter)
         redo = tuple(n for n in self.merged_adapters if n in touched)
-        weight = self._parameters["weight"].data
-        for adapter in reversed(redo):
-            self._apply_adapter_delta(weight, adapter, -1)
-        super()._load_state_items(values)
+        if assign and "weight" in values and redo:
+            values = {**values, "weight": values["weight"].copy()}
+        if not (assign and "weight" in values):  # an assigned weight replaces the merged one whole
+            for adapter in reversed(redo):
+                self._apply_adapter_delta(self._parameters["weight"].data, adapter, -1)
+        super()._load_state_items(values, assign)
         for adapter in redo:
-            self._apply_adapter_delta(weight, adapter, +1)
+            self._apply_adapter_delta(self._parameters["weight"].data, adapter, +1)
         if redo:
             self._cache = None
 
