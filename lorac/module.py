@@ -9,7 +9,9 @@ are explicit: ``forward`` keeps what ``backward`` needs;
 ``Parameter.grad`` for parameters with ``requires_grad``.
 """
 
+import copy
 from collections import OrderedDict, namedtuple
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import numpy as np
 
@@ -362,11 +364,12 @@ class Module:
         if not isinstance(prefix, str):
             raise TypeError(f"state_dict: prefix must be a str, got {type(prefix).__name__}")
         out = OrderedDict() if destination is None else destination
-        for module_prefix, module in self.named_modules(remove_duplicate=False):
-            full = prefix + (module_prefix + "." if module_prefix else "")
-            for name, value in module._state_items():
-                param = module._parameters.get(name) if keep_vars else None
-                out[full + name] = param if param is not None and value is param.data else value
+        with _every_lock(self):
+            for module_prefix, module in self.named_modules(remove_duplicate=False):
+                full = prefix + (module_prefix + "." if module_prefix else "")
+                for name, value in module._state_items():
+                    param = module._parameters.get(name) if keep_vars else None
+                    out[full + name] = param if param is not None and value is param.data else value
         return out
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
@@ -392,6 +395,10 @@ class Module:
             raise TypeError(f"state_dict must be a mapping of str -> array, got {type(state_dict).__name__}")
         if not isinstance(assign, bool):
             raise TypeError(f"load_state_dict: assign must be a bool, got {type(assign).__name__}")
+        with _every_lock(self):
+            return self._load_state_dict_locked(state_dict, strict, assign)
+
+    def _load_state_dict_locked(self, state_dict, strict, assign):
         targets = {}  # full key -> (module, local name, Parameter or buffer array)
         for module_prefix, module in self.named_modules(remove_duplicate=False):
             owned = [(n, p) for n, p in module._parameters.items() if p is not None]
@@ -467,20 +474,21 @@ class Module:
         dtype = parse_to_arguments(args, kwargs)
         if dtype is None:
             return self
-        casts, seen = [], set()
-        for module in self.modules():
-            own = []
-            for param in module._parameters.values():
-                if param is None or id(param) in seen or param.dtype.kind != "f":
-                    continue
-                seen.add(id(param))
-                grad = None if param.grad is None else param.grad.astype(dtype, copy=False)
-                own.append((param, param.data.astype(dtype, copy=False), grad))
-            buffers = {name: array.astype(dtype, copy=False) for name, array in module._buffers.items()
-                       if array is not None and array.dtype.kind == "f"}
-            casts.append((module, own, buffers))
-        for module, own, buffers in casts:
-            module._take_cast(own, dtype, buffers)
+        with _every_lock(self):
+            casts, seen = [], set()
+            for module in self.modules():
+                own = []
+                for param in module._parameters.values():
+                    if param is None or id(param) in seen or param.dtype.kind != "f":
+                        continue
+                    seen.add(id(param))
+                    grad = None if param.grad is None else param.grad.astype(dtype, copy=False)
+                    own.append((param, param.data.astype(dtype, copy=False), grad))
+                buffers = {name: array.astype(dtype, copy=False) for name, array in module._buffers.items()
+                           if array is not None and array.dtype.kind == "f"}
+                casts.append((module, own, buffers))
+            for module, own, buffers in casts:
+                module._take_cast(own, dtype, buffers)
         return self
 
     def cpu(self):
@@ -506,6 +514,23 @@ class Module:
         if "dtype" in self.__dict__:
             self.dtype = dtype
         self._forget_forward()
+
+    # -- whole-model operations and threads ------------------------------------
+    def _exclusive(self):
+        """A context keeping other threads from changing this module's own
+        state while it is held: nothing for a plain Module; a LoRA layer's
+        re-entrant lock (layers/_threading.py)."""
+        return nullcontext()
+
+    def __deepcopy__(self, memo):
+        """copy.deepcopy, holding every layer's lock until the whole copy is
+        made, so that no layer is copied half-merged by another thread."""
+        with _every_lock(self):
+            new = type(self).__new__(type(self))
+            memo[id(self)] = new
+            state = getattr(self, "__getstate__", lambda: self.__dict__)()
+            new.__dict__.update(copy.deepcopy(state, memo))
+        return new
 
     def _forget_forward(self):
         """Drop what the last forward kept for backward.  A no-op here: modules
@@ -539,6 +564,19 @@ class Module:
         if not lines:
             return head + ")"
         return head + "\n  " + "\n  ".join(lines) + "\n)"
+
+
+@contextmanager
+def _every_lock(module):
+    """Hold the lock of every layer under `module` (itself included) for a
+    whole-model operation: to(), state_dict(), load_state_dict(), deepcopy.
+    The locks are taken in one global order (by id), so two threads doing
+    this on models that share layers cannot deadlock; every other operation
+    holds at most one layer's lock at a time."""
+    with ExitStack() as stack:
+        for each in sorted(module.modules(), key=id):
+            stack.enter_context(each._exclusive())
+        yield
 
 
 def _where(path):

@@ -1,5 +1,6 @@
 """Thread rules (lorac/layers/_threading.py): per-thread forward caches, a lock per layer."""
 
+import copy
 import os
 import threading
 import time
@@ -167,3 +168,34 @@ def test_kernels_release_the_gil(one_blas_thread):
         stop.set()
         worker.join()
     assert shared < 6 * alone, f"spin took {shared:.3f} s beside C forwards vs {alone:.3f} s alone"
+
+
+def cast_to_float32(model):
+    model.to(np.float32)
+
+
+def load_ones(model):
+    model.load_state_dict({k: np.ones_like(v) for k, v in model.state_dict().items()})
+
+
+@pytest.mark.parametrize("operation", [copy.deepcopy, cast_to_float32, lorac.Module.state_dict, load_ones],
+                         ids=["deepcopy", "to", "state_dict", "load_state_dict"])
+def test_whole_model_operations_hold_every_layers_lock(operation):
+    """While this thread holds the last layer's lock (as a merge would), a
+    whole-model operation in another thread waits before touching any layer:
+    it never copies, casts, saves or loads a model whose layers are half
+    way through another thread's change."""
+    model = shared_model()
+    before = [p.data.copy() for p in model.parameters()]
+    first_data = model[0].weight.data
+    result = []
+    with model[2]._exclusive():
+        worker = threading.Thread(target=lambda: result.append(operation(model)))
+        worker.start()
+        worker.join(0.3)
+        assert worker.is_alive(), "finished without waiting for the held lock"
+        assert model[0].weight.data is first_data and model[0].weight.dtype == np.float64  # first layer untouched
+        for param, old in zip(model.parameters(), before):
+            np.testing.assert_array_equal(param.data, old)
+    worker.join(10)
+    assert not worker.is_alive() and len(result) == 1

@@ -11,6 +11,10 @@
   accumulate one backward at a time.  Different layers have different
   locks, and the C kernels release the GIL, so threads working on separate
   layers run in parallel.
+- Whole-model operations -- Module.to, state_dict, load_state_dict and
+  copy.deepcopy -- hold every layer's lock at once (module._every_lock), so
+  they never see one layer before and another after a change.  Pickling
+  holds none: pickle a model no other thread is changing.
 """
 
 import functools
@@ -87,6 +91,9 @@ class ThreadState:
     pickled, and a copy's backward must follow a forward of its own)."""
 
     _cache = PerThreadCache()
+
+    def _exclusive(self):
+        return layer_lock(self)
 
     def __getstate__(self):
         state = self.__dict__.copy()
