@@ -10,5 +10,5 @@ python3 -m venv "$venv"
 source "$venv/bin/activate"
 LORAC_BLAS=system pip install ".[test]"
 # from another directory: the source tree's lorac/ (no built _C) would shadow the installed package
-(cd "$(mktemp -d)" && python -c "import lorac; lorac.show_config()") | tee /dev/stderr | grep -q "system"
+(cd "$(mktemp -d)" && python -c "import lorac; lorac.show_config()") | tee /dev/stderr | grep "system" > /dev/null  # not -q: an early exit would SIGPIPE tee
 pytest tests/test_linear_kernels.py tests/test_linear_layer.py tests/test_linear_bad_input.py tests/test_module.py
