@@ -103,7 +103,7 @@ def add_adapter(model, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False
         if not chosen:
             raise ValueError("add_adapter: no LoRA layer of the model holds an adapter yet; give target_modules")
     else:
-        from .peft.targets import compile_matcher
+        from .peft.select import compile_matcher
         matches = compile_matcher(target_modules)
         chosen = [(p, m) for p, m in layers if p and matches(p) and m._adapter_capable()]
         if not chosen:

@@ -126,14 +126,70 @@ def test_same_seed_same_adapter():
     (["q"], {"use_rslora": 1}, TypeError, "use_rslora must be a bool"),
     (["q"], {"fan_in_fan_out": "no"}, TypeError, "fan_in_fan_out must be a bool or None"),
     (["q"], {"rng": "seed"}, TypeError, "rng must be"),
+    (["q"], {"exclude_modules": 5}, TypeError, "exclude_modules must be a regex str or a list"),
+    (["q"], {"exclude_modules": ["q"]}, ValueError, r"matched no module \(after exclude_modules"),
+    (r".*\.q", {"layers_to_transform": [0]}, ValueError, "need target_modules as a list"),
+    (["q"], {"layers_pattern": "layers"}, ValueError, "layers_pattern needs layers_to_transform"),
+    (["q"], {"layers_to_transform": "0"}, TypeError, "layers_to_transform must be an int or a list of ints"),
+    (["q"], {"layers_to_transform": [0], "layers_pattern": "("}, ValueError, "layers_pattern '\\(' is not a valid"),
+    (["q"], {"rank_pattern": [("q", 2)]}, TypeError, "rank_pattern must be a dict"),
+    (["q"], {"rank_pattern": {"q": 0}}, ValueError, r"rank_pattern\['q'\] must be >= 1"),
+    (["q"], {"rank_pattern": {"q": 1.5}}, TypeError, r"rank_pattern\['q'\] must be an int"),
+    (["q"], {"rank_pattern": {"(": 2}}, ValueError, r"rank_pattern key '\(' is not a valid"),
+    (["q"], {"alpha_pattern": {"q": float("nan")}}, ValueError, r"alpha_pattern\['q'\] must be finite"),
+    (["q"], {"init": "nope"}, ValueError, "init must be one of"),
+    (["q"], {"init_std": 0.1}, ValueError, "std applies to init='gaussian'"),
+    (["q", "v"], {"init": "pissa", "alpha_pattern": {"v": 0}}, ValueError, "init='pissa' needs scaling"),
 ])
 def test_bad_input_leaves_the_model_unchanged(targets, kwargs, error, match):
     net = Net()
     modules = list(net.modules())
+    state = {k: v.copy() for k, v in net.state_dict().items()}
     kwargs = {"r": 2, **kwargs}
     with pytest.raises(error, match=match):
         lorac.inject_lora(net, targets, **kwargs)
     assert list(net.modules()) == modules and adapted(net) == []
+    for key, value in net.state_dict().items():
+        np.testing.assert_array_equal(value, state[key], err_msg=key)
+
+
+def test_exclude_layers_and_patterns():
+    net = lorac.inject_lora(Net(), ["q", "v", "head"], r=2, exclude_modules=["layers.0.v"],
+                            rank_pattern={"q": 4}, alpha_pattern={r"layers\.1\.q": 8})
+    assert adapted(net) == ["head", "layers.0.q", "layers.1.q", "layers.1.v"]
+    assert [net.get_submodule(p).r for p in adapted(net)] == [2, 4, 4, 2]
+    assert [net.get_submodule(p).lora_alpha for p in adapted(net)] == [1, 1, 8, 1]
+    net = lorac.inject_lora(Net(), ["q", "head"], r=2, layers_to_transform=[1], layers_pattern="layers")
+    assert adapted(net) == ["head", "layers.1.q"]  # a path equal to a target name is kept, as in PEFT
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4"])
+def test_pissa_keeps_outputs_and_leaves_the_residual_as_base_weight(init):
+    def net():
+        return lorac.Sequential(lorac.Linear(6, 7, rng=1, dtype=np.float64), lorac.Tanh(),
+                                lorac.Linear(7, 5, rng=2, dtype=np.float64))
+
+    model, x = net(), np.random.default_rng(0).standard_normal((4, 6))
+    y = net()(x)
+    w0 = model[0].weight.data.copy()
+    lorac.inject_lora(model, ["0", "2"], r=3, lora_alpha=6, init=init, rng=0)
+    np.testing.assert_allclose(model(x), y, rtol=1e-9, atol=1e-9)
+    q = model[0]
+    assert not np.allclose(q.weight.data, w0)
+    np.testing.assert_allclose(q.weight.data + q.scaling * q.lora_B.data @ q.lora_A.data, w0, atol=1e-10)
+    s = np.linalg.svd(w0, compute_uv=False)
+    np.testing.assert_allclose(np.linalg.svd(q.weight.data, compute_uv=False)[:3], s[3:6], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("init, kwargs, check", [
+    ("gaussian", {"init_std": 0.5}, lambda a, b: np.all(b == 0) and 0.3 < a.std() < 0.7),
+    (False, {}, lambda a, b: np.any(b != 0) and np.any(a != 0)),
+    (True, {}, lambda a, b: np.all(b == 0) and np.abs(a).max() <= 1 / np.sqrt(6)),
+])
+def test_init_choices(init, kwargs, check):
+    net = lorac.inject_lora(Net(), ["q"], r=4, init=init, rng=0, **kwargs)
+    q = net.layers[1].q
+    assert check(q.lora_A.data, q.lora_B.data)
 
 
 def test_layers_with_adapters_or_other_kinds_are_refused():

@@ -35,6 +35,8 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .select import compile_patterns, pattern_value
+
 CONFIG_NAME = "adapter_config.json"
 
 # Fields of PEFT's LoraConfig (0.21) and its PeftConfig base, plus older names.
@@ -79,18 +81,10 @@ def _is_set(value):
 
 
 def _pattern_regexes(patterns, name, source):
-    if patterns is None:
-        return []
-    if not isinstance(patterns, dict):
-        raise PeftConfigError(f"{source}: {name} must be an object, got {type(patterns).__name__}")
-    out = []
-    for key, value in patterns.items():
-        try:
-            regex = re.compile(rf"(.*\.)?({key})$")
-        except re.error as exc:
-            raise PeftConfigError(f"{source}: {name} key {key!r} is not a valid regular expression: {exc}") from None
-        out.append((key, regex, value))
-    return out
+    try:
+        return compile_patterns(patterns, name)
+    except (TypeError, ValueError) as exc:
+        raise PeftConfigError(f"{source}: {exc}") from None
 
 
 def _real(value, name, source, positive=False, integer=False):
@@ -129,18 +123,11 @@ class PeftAdapterConfig:
 
     def rank_for(self, path):
         """r of the layer at ``path`` (rank_pattern, else r)."""
-        return _lookup(self.rank_pattern, path, self.r)
+        return pattern_value(self.rank_pattern, path, self.r)
 
     def alpha_for(self, path):
         """lora_alpha of the layer at ``path`` (alpha_pattern, else lora_alpha)."""
-        return _lookup(self.alpha_pattern, path, self.lora_alpha)
-
-
-def _lookup(patterns, path, default):
-    for _, regex, value in patterns:
-        if regex.match(path):
-            return value
-    return default
+        return pattern_value(self.alpha_pattern, path, self.lora_alpha)
 
 
 def parse_config(raw, source):

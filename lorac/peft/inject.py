@@ -4,25 +4,31 @@ their pretrained weights."""
 import warnings
 
 from .._arrays import as_generator, non_negative_int, probability, real_number
+from ..layers._lora_init import check_init
 from ..module import Module
-from .targets import build_layer, compile_matcher, describe, layer_kind, swap_layer
+from .select import compile_patterns, compile_selector, pattern_value, unmatched_keys
+from .targets import build_layer, describe, layer_kind, swap_layer
 
 
 def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in_fan_out=False,
-                use_rslora=False, rng=None):
+                use_rslora=False, rng=None, *, exclude_modules=None, rank_pattern=None, alpha_pattern=None,
+                layers_to_transform=None, layers_pattern=None, init="kaiming", init_std=None):
     """Replace the matching plain ``lorac.Linear`` / ``lorac.Embedding`` layers
-    (r = 0) of ``model`` by LoRA layers of rank ``r``; returns ``model``.
+    (r = 0) of ``model`` by LoRA layers; returns ``model``.  The selection
+    and per-layer settings follow PEFT's LoraConfig fields of the same
+    names (lorac/peft/select.py spells the rules out), so a model selects
+    the same layers here as its torch twin does under ``get_peft_model``.
 
     The new layers keep the old ones' ``weight`` and ``bias`` (the same
     Parameter objects: pretrained weights are never re-initialised -- unlike
     re-creating loralib layers, loralib #55), freeze the weight, and get a
-    fresh adapter: Linear lora_A kaiming-uniform and lora_B zero, Embedding
-    lora_A zero and lora_B normal, so the model's outputs do not change.
-    They keep the old layers' train/eval mode, layout and dtype.
+    fresh adapter that leaves the model's outputs unchanged (with the
+    default init).  They keep the old layers' train/eval mode, layout and
+    dtype.
 
-    target_modules: like PEFT, a regex str that must match a module's whole
-        dotted path (``named_modules()`` names), or a list of names, each
-        matching a path equal to it or ending in ``"." + name``.
+    target_modules: a regex str that must match a module's whole dotted path
+        (``named_modules()`` names), or a list of names, each matching a
+        path equal to it or ending in ``"." + name``.
     r: the rank (>= 1).  lora_alpha: scaling = lora_alpha / r (loralib's
         default 1), or lora_alpha / sqrt(r) with ``use_rslora``.
     lora_dropout: dropout on the input of Linear adapters (Embedding has none).
@@ -30,50 +36,85 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
         lorac layer knows its own layout, which always wins; when it differs
         from this flag a warning says so (as PEFT does).  None: no check.
     rng: seed or numpy Generator for the adapter initialisation.
+    exclude_modules: paths never adapted, in target_modules' two forms.
+    rank_pattern / alpha_pattern: {regex: r} / {regex: lora_alpha} for the
+        layers whose path the first matching key fits (PEFT's
+        get_pattern_key); keys that fit no adapted layer are warned about,
+        as PEFT does.
+    layers_to_transform / layers_pattern: with a list target_modules, adapt
+        only the layers of these indexes (an int or a list), the index being
+        the number after ``<layers_pattern>.`` in the path.
+    init, init_std: how adapters start, as ``Linear(init=...)``: 'kaiming'
+        (default), 'gaussian' (std 0.01 unless init_std; PEFT's is 1 / r),
+        'zeros_A', 'pissa' / 'pissa_niter_N' (the base weight becomes the
+        residual), or PEFT's True / False.
 
     Raises ValueError if nothing matches, if a matching module is of another
-    kind (names it and its type) or already has an adapter; the model is
-    left unchanged then.
+    kind (names it and its type) or already has an adapter, or for a bad
+    argument (TypeError for a wrong type); the model is left unchanged then.
     """
+    func = "inject_lora"
     if not isinstance(model, Module):
-        raise TypeError(f"inject_lora: model must be a lorac.Module, got {type(model).__name__}")
-    matches = compile_matcher(target_modules)
+        raise TypeError(f"{func}: model must be a lorac.Module, got {type(model).__name__}")
+    selected = compile_selector(target_modules, exclude_modules, layers_to_transform, layers_pattern)
     r = non_negative_int(r, "r")
     if r == 0:
-        raise ValueError("inject_lora: r must be >= 1, got 0")
+        raise ValueError(f"{func}: r must be >= 1, got 0")
     lora_alpha = real_number(lora_alpha, "lora_alpha")
     lora_dropout = probability(lora_dropout, "lora_dropout")
     if fan_in_fan_out is not None and not isinstance(fan_in_fan_out, bool):
-        raise TypeError(f"inject_lora: fan_in_fan_out must be a bool or None, got {type(fan_in_fan_out).__name__}")
+        raise TypeError(f"{func}: fan_in_fan_out must be a bool or None, got {type(fan_in_fan_out).__name__}")
     if not isinstance(use_rslora, bool):
-        raise TypeError(f"inject_lora: use_rslora must be a bool, got {type(use_rslora).__name__}")
+        raise TypeError(f"{func}: use_rslora must be a bool, got {type(use_rslora).__name__}")
+    ranks = [(key, regex, _pattern_rank(value, key)) for key, regex, value in
+             compile_patterns(rank_pattern, "rank_pattern")]
+    alphas = [(key, regex, real_number(value, f"alpha_pattern[{key!r}]")) for key, regex, value in
+              compile_patterns(alpha_pattern, "alpha_pattern")]
+    spec = check_init(init, init_std, func)
     rng = as_generator(rng)
 
     modules = dict(model.named_modules())
     chosen = []
     for path, module in modules.items():
-        if not path or not matches(path):
+        if not path or not selected(path):
             continue
         if layer_kind(module) is None:
-            raise ValueError(f"inject_lora: target_modules matched {path!r}, a {describe(module)}; only "
+            raise ValueError(f"{func}: target_modules matched {path!r}, a {describe(module)}; only "
                              "lorac.Linear and lorac.Embedding layers can be given a LoRA adapter")
         if module.r > 0:
-            raise ValueError(f"inject_lora: {path!r} already has a LoRA adapter (r={module.r})")
+            raise ValueError(f"{func}: {path!r} already has a LoRA adapter (r={module.r})")
         chosen.append((path, module))
     if not chosen:
         adaptable = [p for p, m in modules.items() if p and layer_kind(m) is not None]
-        raise ValueError(f"inject_lora: target_modules {target_modules!r} matched no module; "
-                         f"the model's Linear/Embedding layers are {adaptable[:20]}"
+        raise ValueError(f"{func}: target_modules {target_modules!r} matched no module"
+                         + ("" if exclude_modules is None and layers_to_transform is None
+                            else " (after exclude_modules / layers_to_transform)")
+                         + f"; the model's Linear/Embedding layers are {adaptable[:20]}"
                          + (" ..." if len(adaptable) > 20 else ""))
 
+    paths = [path for path, _ in chosen]
+    for name, patterns in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        unmatched = unmatched_keys(patterns, paths)
+        if unmatched:
+            warnings.warn(f"{func}: {name} keys {unmatched} match no adapted layer and are ignored",
+                          RuntimeWarning, stacklevel=2)
     for path, module in chosen:
         if fan_in_fan_out is not None and layer_kind(module) == "linear" \
                 and module.fan_in_fan_out != fan_in_fan_out:
-            warnings.warn(f"inject_lora: fan_in_fan_out={fan_in_fan_out} but {path!r} stores its weight "
+            warnings.warn(f"{func}: fan_in_fan_out={fan_in_fan_out} but {path!r} stores its weight "
                           f"{'(in, out)' if module.fan_in_fan_out else '(out, in)'}; "
                           f"using the layer's own layout (fan_in_fan_out={module.fan_in_fan_out})",
                           UserWarning, stacklevel=2)
-    new_layers = [build_layer(module, r, lora_alpha, use_rslora, lora_dropout, rng) for _, module in chosen]
-    for (path, module), new in zip(chosen, new_layers):
-        swap_layer(modules, path, module, new)
+    # every adapter (and PiSSA's SVD) is made before any layer is swapped in
+    builds = [build_layer(module, pattern_value(ranks, path, r), pattern_value(alphas, path, lora_alpha),
+                          use_rslora, lora_dropout, rng, spec) for path, module in chosen]
+    for (path, module), (new, weight) in zip(chosen, builds):
+        swap_layer(modules, path, module, new, weight=weight)
     return model
+
+
+def _pattern_rank(value, key):
+    rank = non_negative_int(value, f"rank_pattern[{key!r}]")
+    if rank == 0:
+        raise ValueError(f"inject_lora: rank_pattern[{key!r}] must be >= 1, got 0")
+    return rank

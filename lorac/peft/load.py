@@ -96,7 +96,7 @@ def load_peft_adapter(model, path, adapter_name=None, strict=True):
                                 + "; ".join(parts), missing, unexpected)
 
     # Everything is validated: build the new layers (no change to the model yet), then swap them in.
-    news = [build_layer(m, layer.r, layer.lora_alpha, layer.use_rslora, config.lora_dropout, None)
+    news = [build_layer(m, layer.r, layer.lora_alpha, layer.use_rslora, config.lora_dropout, None)[0]
             for _, m, layer in plans]
     for (mpath, module, layer), new in zip(plans, news):
         swap_layer(modules, mpath, module, new, layer.lora_A, layer.lora_B)
