@@ -78,13 +78,17 @@ def _require_known(model, names, func):
 
 # -- adding, choosing, deleting ---------------------------------------------------
 def add_adapter(model, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False, init="kaiming",
-                target_modules=None, rng=None, init_std=None):
+                target_modules=None, rng=None, init_std=None, *, exclude_modules=None, rank_pattern=None,
+                alpha_pattern=None, layers_to_transform=None, layers_pattern=None):
     """Add adapter `name` (rank r, its own alpha / dropout / rsLoRA) to LoRA layers of `model`.
 
     target_modules: None -- every LoRA layer that already holds an adapter
     (the layers adapted so far) --, or PEFT's rule (a regex on the whole
     module path, or a list of names matching a path or its last components),
     which may also pick plain layers (r = 0): their weight is then frozen.
+    exclude_modules, rank_pattern, alpha_pattern, layers_to_transform,
+    layers_pattern: PEFT's LoraConfig fields, as ``lorac.inject_lora``
+    takes them (the last two need target_modules).
     Embedding layers get no dropout.  init, init_std, rng: see ``Linear.add_adapter``.
     The adapter is not active until ``set_adapter``.  Everything is checked
     before any layer changes.  Returns the model."""
@@ -97,18 +101,24 @@ def add_adapter(model, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False
     if name == DEFAULT:
         raise ValueError(f"add_adapter: {DEFAULT!r} is the layers' constructor adapter; use another name "
                          "(or lorac.inject_lora for plain layers)")
+    from .peft.select import compile_matcher, compile_selector, per_layer_settings
     layers = adapter_layers(model)
     if target_modules is None:
-        chosen = [(p, m) for p, m in layers if m.adapter_names]
+        if layers_to_transform is not None or layers_pattern:
+            raise ValueError("add_adapter: layers_to_transform / layers_pattern need target_modules")
+        excluded = compile_matcher(exclude_modules, "exclude_modules") if exclude_modules else (lambda p: False)
+        chosen = [(p, m) for p, m in layers if m.adapter_names and not excluded(p)]
         if not chosen:
-            raise ValueError("add_adapter: no LoRA layer of the model holds an adapter yet; give target_modules")
+            after = "" if exclude_modules is None else " (after exclude_modules)"
+            raise ValueError(f"add_adapter: no LoRA layer of the model holds an adapter yet{after}; "
+                             "give target_modules")
     else:
-        from .peft.select import compile_matcher
-        matches = compile_matcher(target_modules)
-        chosen = [(p, m) for p, m in layers if p and matches(p) and m._adapter_capable()]
+        selected = compile_selector(target_modules, exclude_modules, layers_to_transform, layers_pattern)
+        chosen = [(p, m) for p, m in layers if p and selected(p) and m._adapter_capable()]
         if not chosen:
             raise ValueError(f"add_adapter: target_modules {target_modules!r} matched no LoRA layer; the "
                              f"model's are {[p for p, _ in layers][:20]}")
+    settings = per_layer_settings([p for p, _ in chosen], r, lora_alpha, rank_pattern, alpha_pattern, "add_adapter")
     spec = check_init(init, init_std, "add_adapter")
     for path, layer in chosen:
         if name in layer.adapter_names:
@@ -116,9 +126,9 @@ def add_adapter(model, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False
         if spec.name == "pissa":
             layer._check_pissa_allowed(f"add_adapter: layer {path!r}", others=layer.adapter_names)
     gen = as_generator(rng) if rng is not None else None
-    for _, layer in chosen:
+    for (_, layer), (layer_r, layer_alpha) in zip(chosen, settings):
         dropout = 0.0 if layer._adapter_geometry()[3] == "embedding" else lora_dropout
-        layer.add_adapter(name, r, lora_alpha, dropout, use_rslora, spec, gen)
+        layer.add_adapter(name, layer_r, layer_alpha, dropout, use_rslora, spec, gen)
     return model
 
 

@@ -359,6 +359,29 @@ def test_model_level_add_set_delete():
         lorac.add_adapter(lorac.Sequential(lorac.Linear(3, 3)), "c", r=2)
 
 
+def test_model_level_add_adapter_takes_pefts_selection_fields():
+    net = Net()
+    lorac.add_adapter(net, "p", r=2, lora_alpha=3, exclude_modules=["emb"], rank_pattern={"qkv": 4},
+                      alpha_pattern={"proj": 5})
+    assert "p" not in net.emb.adapter_names
+    assert (net.proj.adapter_config("p").r, net.proj.adapter_config("p").lora_alpha) == (2, 5)
+    assert (net.qkv.adapter_config("p").r, net.qkv.adapter_config("p").lora_alpha) == (4, 3)
+    with pytest.warns(RuntimeWarning, match=r"add_adapter: rank_pattern keys \['emb'\] match no adapted layer"):
+        lorac.add_adapter(net, "q", r=2, target_modules=r"proj|qkv", rank_pattern={"emb": 3})
+    assert lorac.adapter_names(net) == ("default", "p", "q")
+    state = {k: v.copy() for k, v in net.state_dict().items()}
+    for kwargs, error, match in [
+        ({"layers_to_transform": [0]}, ValueError, "need target_modules"),
+        ({"exclude_modules": ["emb", "proj", "qkv"]}, ValueError, r"holds an adapter yet \(after exclude_modules\)"),
+        ({"rank_pattern": {"qkv": 0}}, ValueError, r"rank_pattern\['qkv'\] must be >= 1"),
+        ({"target_modules": ["proj"], "alpha_pattern": {"proj": "x"}}, TypeError, "must be a real number"),
+    ]:
+        with pytest.raises(error, match=match):
+            lorac.add_adapter(net, "z", r=2, **kwargs)
+    assert lorac.adapter_names(net) == ("default", "p", "q")
+    assert all(np.array_equal(v, state[k]) for k, v in net.state_dict().items())
+
+
 def test_model_level_disable_and_merge():
     net = net_with_adapters(merge_weights=False)
     idx = np.random.default_rng(0).integers(0, 11, (2, 3))

@@ -6,7 +6,7 @@ import warnings
 from .._arrays import as_generator, non_negative_int, probability, real_number
 from ..layers._lora_init import check_init
 from ..module import Module
-from .select import compile_patterns, compile_selector, pattern_value, unmatched_keys
+from .select import compile_selector, per_layer_settings
 from .targets import build_layer, describe, layer_kind, swap_layer
 
 
@@ -66,10 +66,6 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
         raise TypeError(f"{func}: fan_in_fan_out must be a bool or None, got {type(fan_in_fan_out).__name__}")
     if not isinstance(use_rslora, bool):
         raise TypeError(f"{func}: use_rslora must be a bool, got {type(use_rslora).__name__}")
-    ranks = [(key, regex, _pattern_rank(value, key)) for key, regex, value in
-             compile_patterns(rank_pattern, "rank_pattern")]
-    alphas = [(key, regex, real_number(value, f"alpha_pattern[{key!r}]")) for key, regex, value in
-              compile_patterns(alpha_pattern, "alpha_pattern")]
     spec = check_init(init, init_std, func)
     rng = as_generator(rng)
 
@@ -92,12 +88,7 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
                          + f"; the model's Linear/Embedding layers are {adaptable[:20]}"
                          + (" ..." if len(adaptable) > 20 else ""))
 
-    paths = [path for path, _ in chosen]
-    for name, patterns in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
-        unmatched = unmatched_keys(patterns, paths)
-        if unmatched:
-            warnings.warn(f"{func}: {name} keys {unmatched} match no adapted layer and are ignored",
-                          RuntimeWarning, stacklevel=2)
+    settings = per_layer_settings([path for path, _ in chosen], r, lora_alpha, rank_pattern, alpha_pattern, func)
     for path, module in chosen:
         if fan_in_fan_out is not None and layer_kind(module) == "linear" \
                 and module.fan_in_fan_out != fan_in_fan_out:
@@ -106,15 +97,9 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
                           f"using the layer's own layout (fan_in_fan_out={module.fan_in_fan_out})",
                           UserWarning, stacklevel=2)
     # every adapter (and PiSSA's SVD) is made before any layer is swapped in
-    builds = [build_layer(module, pattern_value(ranks, path, r), pattern_value(alphas, path, lora_alpha),
-                          use_rslora, lora_dropout, rng, spec) for path, module in chosen]
+    builds = [build_layer(module, layer_r, layer_alpha, use_rslora, lora_dropout, rng, spec)
+              for (_, module), (layer_r, layer_alpha) in zip(chosen, settings)]
     for (path, module), (new, weight) in zip(chosen, builds):
         swap_layer(modules, path, module, new, weight=weight)
     return model
 
-
-def _pattern_rank(value, key):
-    rank = non_negative_int(value, f"rank_pattern[{key!r}]")
-    if rank == 0:
-        raise ValueError(f"inject_lora: rank_pattern[{key!r}] must be >= 1, got 0")
-    return rank

@@ -23,6 +23,9 @@ lorac as in PEFT:
 
 import numbers
 import re
+import warnings
+
+from .._arrays import non_negative_int, real_number
 
 
 def compile_matcher(target_modules, name="target_modules"):
@@ -131,3 +134,26 @@ def pattern_value(patterns, path, default):
 def unmatched_keys(patterns, paths):
     """The keys of ``patterns`` that match none of ``paths``, sorted."""
     return sorted(key for key, regex, _ in patterns if not any(regex.match(p) for p in paths))
+
+
+def per_layer_settings(paths, r, lora_alpha, rank_pattern, alpha_pattern, func):
+    """[(r, lora_alpha)] for each of ``paths`` under the patterns, whose values
+    are checked first (ranks ints >= 1, alphas finite); keys that fit none
+    of the paths are warned about (RuntimeWarning), as PEFT does."""
+    ranks = [(key, regex, _pattern_rank(value, key, func)) for key, regex, value in
+             compile_patterns(rank_pattern, "rank_pattern")]
+    alphas = [(key, regex, real_number(value, f"alpha_pattern[{key!r}]")) for key, regex, value in
+              compile_patterns(alpha_pattern, "alpha_pattern")]
+    for name, patterns in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        unmatched = unmatched_keys(patterns, paths)
+        if unmatched:
+            warnings.warn(f"{func}: {name} keys {unmatched} match no adapted layer and are ignored",
+                          RuntimeWarning, stacklevel=3)
+    return [(pattern_value(ranks, path, r), pattern_value(alphas, path, lora_alpha)) for path in paths]
+
+
+def _pattern_rank(value, key, func):
+    rank = non_negative_int(value, f"rank_pattern[{key!r}]")
+    if rank == 0:
+        raise ValueError(f"{func}: rank_pattern[{key!r}] must be >= 1, got 0")
+    return rank
