@@ -166,3 +166,32 @@ def test_pattern_keys_that_match_nothing_warn_as_in_peft():
     with pytest.warns(RuntimeWarning, match=r"rank_pattern keys did not match any targeted module.*'nowhere'"):
         peft.get_peft_model(torch_model(), peft.LoraConfig(target_modules=["q_proj"], r=2,
                                                            rank_pattern={"q_proj": 3, "nowhere": 5}))
+
+
+def test_an_adapter_injected_with_patterns_saves_and_loads_in_peft(tmp_path):
+    """The PEFT user's round trip: inject with rank/alpha patterns in lorac,
+    train (here: random B), save_peft_adapter, PeftModel.from_pretrained on
+    the torch twin: every adapted layer computes the same."""
+    config = CONFIGS["rank and alpha patterns"]
+    model = lorac_model()
+    lorac.inject_lora(model, r=3, lora_alpha=6, rng=0, **config)
+    rng = np.random.default_rng(2)
+    for _, module in model.named_modules():
+        if getattr(module, "r", 0) > 0:
+            module.lora_B.data[...] = rng.standard_normal(module.lora_B.shape)
+    lorac.save_peft_adapter(model, tmp_path / "adapter")
+    twin = torch_model()
+    base = {k: torch.from_numpy(v.copy()) for k, v in model.state_dict().items() if "lora_" not in k}
+    assert twin.load_state_dict(base, strict=True) is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(twin, str(tmp_path / "adapter"))
+    theirs = dict(loaded.base_model.model.named_modules())
+    x = rng.standard_normal((2, 2 * HIDDEN))
+    adapted = [p for p, m in model.named_modules() if getattr(m, "r", 0) > 0]
+    assert len(adapted) == 3 * N_LAYERS
+    for path in adapted:
+        layer = model.get_submodule(path)
+        with torch.no_grad():
+            expected = theirs[path](torch.from_numpy(x[:, :layer.in_features]))
+        assert_matches(layer(x[:, :layer.in_features]), expected, np.float64, path)
