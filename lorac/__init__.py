@@ -21,7 +21,8 @@ from .layers import (GELU, Dropout, Embedding, LayerNorm, Linear, LoRALayer, Mer
                      ReLU, Tanh)
 from .losses import CrossEntropyLoss, MSELoss
 from . import functional, nn, optim
-from .utils import count_parameters, lora_state_dict, mark_only_lora_as_trainable
+from .utils import (count_parameters, get_nb_trainable_parameters, lora_state_dict, mark_only_lora_as_trainable,
+                    print_trainable_parameters)
 # checkpoints and PEFT
 from .checkpoint import load, save
 from .peft import inject_lora, load_peft_adapter, save_peft_adapter
@@ -40,7 +41,8 @@ __all__ = [
     "LoRALayer", "Linear", "Embedding", "MergedLinear", "MoLoRALinear",
     "ReLU", "GELU", "Tanh", "Dropout", "LayerNorm", "CrossEntropyLoss", "MSELoss",
     "functional", "nn", "optim",
-    "mark_only_lora_as_trainable", "lora_state_dict", "count_parameters",
+    "mark_only_lora_as_trainable", "lora_state_dict", "count_parameters", "get_nb_trainable_parameters",
+    "print_trainable_parameters",
     "save", "load", "load_peft_adapter", "save_peft_adapter", "inject_lora",
     "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge_adapter", "unmerge_adapter",
     "merge_and_unload", "unload", "add_weighted_adapter", "load_adapter", "save_adapter", "adapter_names",

@@ -1,5 +1,7 @@
-"""loralib's model-level helpers: which parameters train, which are saved."""
+"""loralib's model-level helpers: which parameters train, which are saved,
+and PEFT's parameter counts."""
 
+import sys
 from collections import OrderedDict
 
 from .layers.base import LoRALayer
@@ -90,3 +92,23 @@ def _one_adapter_state_dict(model, bias, adapter):
 def count_parameters(model, trainable_only=False):
     """Number of scalar parameters (only those with requires_grad if trainable_only)."""
     return sum(p.size for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def get_nb_trainable_parameters(model):
+    """(trainable, all): scalar counts of the model's parameters, a shared
+    (tied) one once, as PEFT's ``PeftModel.get_nb_trainable_parameters``."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.size
+        if param.requires_grad:
+            trainable += param.size
+    return trainable, total
+
+
+def print_trainable_parameters(model, file=None):
+    """Print PEFT's line ``trainable params: 1,234 || all params: 5,678 ||
+    trainable%: 21.7330`` for the model (to ``file``, default stdout)."""
+    trainable, total = get_nb_trainable_parameters(model)
+    share = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}",
+          file=sys.stdout if file is None else file)

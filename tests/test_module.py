@@ -137,6 +137,16 @@ def test_count_parameters():
     assert lorac.count_parameters(model, trainable_only=True) == 4 * (10 + 20)
 
 
+def test_peft_parameter_counts_count_a_tied_parameter_once(capsys):
+    model = lorac.Sequential(lorac.Linear(10, 20, r=4, rng=0), lorac.Linear(10, 20, rng=1))
+    model[1].weight = model[0].weight  # tied: frozen with the LoRA layer's base weight
+    assert lorac.get_nb_trainable_parameters(model) == (20 + 4 * 30 + 20, 200 + 20 + 4 * 30 + 20)
+    lorac.print_trainable_parameters(model)
+    assert capsys.readouterr().out == "trainable params: 160 || all params: 360 || trainable%: 44.4444\n"
+    lorac.print_trainable_parameters(lorac.Sequential())
+    assert capsys.readouterr().out == "trainable params: 0 || all params: 0 || trainable%: 0.0000\n"
+
+
 def test_blas_threads_and_config(capsys):
     n = lorac.get_num_threads()
     assert n >= 1

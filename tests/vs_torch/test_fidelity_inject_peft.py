@@ -195,3 +195,21 @@ def test_an_adapter_injected_with_patterns_saves_and_loads_in_peft(tmp_path):
         with torch.no_grad():
             expected = theirs[path](torch.from_numpy(x[:, :layer.in_features]))
         assert_matches(layer(x[:, :layer.in_features]), expected, np.float64, path)
+
+
+@pytest.mark.parametrize("config", [CONFIGS["names"], CONFIGS["embedding and head"],
+                                    CONFIGS["rank and alpha patterns"]], ids=["names", "embedding", "patterns"])
+def test_trainable_parameter_counts_and_line_match_pefts(config, capsys):
+    """inject_lora + mark_only_lora_as_trainable (the loralib step PEFT does
+    inside get_peft_model) leaves what PEFT leaves trainable."""
+    config = dict(config, r=3, lora_alpha=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.get_peft_model(torch_model(), peft.LoraConfig(**config))
+    model = lorac.inject_lora(lorac_model(), **config)
+    lorac.mark_only_lora_as_trainable(model)
+    assert lorac.get_nb_trainable_parameters(model) == wrapped.get_nb_trainable_parameters()
+    wrapped.print_trainable_parameters()
+    theirs = capsys.readouterr().out
+    lorac.print_trainable_parameters(model)
+    assert capsys.readouterr().out == theirs
