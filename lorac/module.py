@@ -15,6 +15,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 
 import numpy as np
 
+from . import _hooks
 from ._device import parse_to_arguments
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
@@ -538,10 +539,37 @@ class Module:
 
     # -- calling --------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        if kwargs or "_forward_hooks" in self.__dict__:
+            return self._call_with_extras(args, kwargs)
+        return self.forward(*args)  # the hot path: no keywords, no hooks
+
+    def _call_with_extras(self, args, kwargs):
+        hooks = self.__dict__.get("_forward_hooks")
+        if hooks is not None:
+            return _hooks.call_with_hooks(self, hooks, self._call_forward, args, kwargs)
+        return self._call_forward(args, kwargs)
+
+    def _call_forward(self, args, kwargs):
+        """__call__ without the hooks: forward, or a mixed batch across adapters (issue 6)."""
         if kwargs and ("adapter_names" in kwargs or "adapter_ids" in kwargs):
-            from .adapters import mixed_batch_call  # a mixed batch across adapters (issue 6)
+            from .adapters import mixed_batch_call
             return mixed_batch_call(self, args, kwargs)
         return self.forward(*args, **kwargs)
+
+    def register_forward_pre_hook(self, hook, *, prepend=False, with_kwargs=False):
+        """Call ``hook(module, args)`` before each forward (``hook(module, args,
+        kwargs)`` with with_kwargs), as torch's; returns a handle whose
+        remove() takes it away.  In eval mode the hook may return new args
+        (or (args, kwargs)); in training mode it may only observe
+        (lorac/_hooks.py says why)."""
+        return _hooks.register(self, "pre", hook, prepend, with_kwargs)
+
+    def register_forward_hook(self, hook, *, prepend=False, with_kwargs=False, always_call=False):
+        """Call ``hook(module, args, output)`` after each forward (``hook(module,
+        args, kwargs, output)`` with with_kwargs), as torch's; always_call: also
+        when forward raises (output None).  In eval mode the hook may return a
+        new output; in training mode it may only observe."""
+        return _hooks.register(self, "post", hook, prepend, with_kwargs, always_call)
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} does not define forward()")
