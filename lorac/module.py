@@ -59,6 +59,10 @@ class Parameter:
     def numpy(self):
         return self.data
 
+    def numel(self):
+        """The number of scalars (torch's Tensor.numel(); NumPy's ``size``)."""
+        return self.data.size
+
     def __array__(self, dtype=None, copy=None):
         if dtype is None or np.dtype(dtype) == self.data.dtype:
             return self.data.copy() if copy else self.data
@@ -506,6 +510,14 @@ class Module:
     def double(self):
         return self.to(np.float64)
 
+    def half(self):
+        """Refused (TypeError): the C kernels compute in float32 and float64 only."""
+        raise _half_precision_refused("half")
+
+    def bfloat16(self):
+        """Refused (TypeError): the C kernels compute in float32 and float64 only."""
+        raise _half_precision_refused("bfloat16")
+
     def _take_cast(self, casts, dtype, buffers):
         """Swap in this module's cast arrays [(param, data, grad)], its cast
         buffers {name: array} and its new dtype."""
@@ -592,6 +604,11 @@ class Module:
         if not lines:
             return head + ")"
         return head + "\n  " + "\n  ".join(lines) + "\n)"
+
+
+def _half_precision_refused(method):
+    return TypeError(f"{method}(): lorac computes in float32 or float64 only, so a model cannot be cast to "
+                     f"{method}; use float() or double()")
 
 
 @contextmanager

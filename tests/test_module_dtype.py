@@ -282,3 +282,16 @@ def test_to_with_arguments_it_cannot_read_raises_type_error_and_changes_nothing(
     with pytest.raises(TypeError, match=message):
         model.to(*args, **kwargs)
     assert unchanged(model, arrays)
+
+
+@pytest.mark.parametrize("method", ["half", "bfloat16"])
+def test_half_precision_casts_are_refused_and_change_nothing(method):
+    model = build()
+    arrays = [p.data for p in model.parameters()]
+    with pytest.raises(TypeError, match=rf"{method}\(\): lorac computes in float32 or float64 only"):
+        getattr(model, method)()
+    assert unchanged(model, arrays)
+
+
+def test_parameter_numel_counts_scalars_as_torch():
+    assert lorac.Parameter(np.zeros((3, 4))).numel() == 12 == sum(p.numel() for p in [lorac.Parameter(np.ones(12))])
