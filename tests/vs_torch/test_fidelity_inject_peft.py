@@ -47,6 +47,7 @@ def torch_model():
             super().__init__()
             self.embed_tokens = nn.Embedding(VOCAB, HIDDEN)
             self.layers = nn.ModuleList(Block() for _ in range(N_LAYERS))
+            self.norm = nn.LayerNorm(HIDDEN)
 
     class CausalLM(nn.Module):
         def __init__(self):
@@ -80,6 +81,7 @@ def lorac_model():
     root.model = lorac.Module()
     root.model.embed_tokens = lorac.Embedding(VOCAB, HIDDEN, rng=7, dtype=np.float64)
     root.model.layers = lorac.ModuleList(block() for _ in range(N_LAYERS))
+    root.model.norm = lorac.LayerNorm(HIDDEN, dtype=np.float64)
     root.lm_head = lorac.Linear(HIDDEN, VOCAB, bias=False, rng=8, dtype=np.float64)
     return root
 
@@ -213,3 +215,66 @@ def test_trainable_parameter_counts_and_line_match_pefts(config, capsys):
     theirs = capsys.readouterr().out
     lorac.print_trainable_parameters(model)
     assert capsys.readouterr().out == theirs
+
+
+def peft_name(name):
+    """A PEFT model's parameter name as the same parameter's name in the lorac twin."""
+    name = name.removeprefix("base_model.model.")
+    for peft_part, lorac_part in ((".modules_to_save.default.", "."), (".base_layer.", "."),
+                                  (".lora_A.default.weight", ".lora_A"), (".lora_B.default.weight", ".lora_B"),
+                                  (".lora_embedding_A.default", ".lora_A"), (".lora_embedding_B.default", ".lora_B")):
+        name = name.replace(peft_part, lorac_part)
+    return name
+
+
+@pytest.mark.parametrize("extra", [{}, {"loraplus_weight_decay": 0.1, "loraplus_lr_embedding": 3e-4}])
+def test_loraplus_groups_match_pefts(extra):
+    """create_loraplus_optimizer puts the same parameters in the same groups,
+    with the same learning rates and weight decays, as PEFT's, on twins
+    with LoRA Linear and Embedding layers, a trainable LayerNorm and a bias."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    config = dict(target_modules=["q_proj", "v_proj", "embed_tokens"], r=2, lora_alpha=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.get_peft_model(torch_model(), peft.LoraConfig(modules_to_save=["norm"], **config))
+    wrapped.base_model.model.model.layers[1].self_attn.q_proj.base_layer.bias.requires_grad_(True)
+    model = lorac.inject_lora(lorac_model(), **config)
+    lorac.mark_only_lora_as_trainable(model)
+    model.model.norm.requires_grad_(True)
+    model.model.layers[1].self_attn.q_proj.bias.requires_grad_(True)
+
+    theirs = create_loraplus_optimizer(wrapped, torch.optim.AdamW, lr=2e-3, loraplus_lr_ratio=16, **extra)
+    ours = lorac.optim.create_loraplus_optimizer(model, lorac.optim.AdamW, lr=2e-3, loraplus_lr_ratio=16, **extra)
+    names = {id(p): n for n, p in model.named_parameters()}
+    torch_names = {id(p): peft_name(n) for n, p in wrapped.named_parameters()}
+    assert len(ours.param_groups) == len(theirs.param_groups) == 4
+    for mine, their in zip(ours.param_groups, theirs.param_groups):
+        assert (mine["lr"], mine["weight_decay"]) == pytest.approx((their["lr"], their["weight_decay"]), rel=1e-15)
+        assert sorted(names[id(p)] for p in mine["params"]) == sorted(torch_names[id(p)] for p in their["params"])
+    assert all(group["params"] for group in ours.param_groups)  # every group is exercised
+    assert sum(len(g["params"]) for g in ours.param_groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_loraplus_steps_lora_b_ratio_times_as_far_and_checks_its_arguments():
+    model = lorac.inject_lora(lorac_model(), ["q_proj"], r=2, init=False, rng=0)
+    lorac.mark_only_lora_as_trainable(model)
+    optimizer = lorac.optim.create_loraplus_optimizer(model, lorac.optim.SGD, lr=0.01, loraplus_lr_ratio=8)
+    layer = model.model.layers[0].self_attn.q_proj
+    before = layer.lora_A.data.copy(), layer.lora_B.data.copy()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = np.ones_like(p.data)
+    optimizer.step()
+    np.testing.assert_allclose(before[0] - layer.lora_A.data, 0.01, rtol=1e-12)
+    np.testing.assert_allclose(before[1] - layer.lora_B.data, 0.08, rtol=1e-12)
+    for kwargs, error, match in [
+        (dict(optimizer_cls=torch.optim.SGD), TypeError, "optimizer_cls must be a lorac.optim optimizer class"),
+        (dict(loraplus_lr_ratio=0), ValueError, "loraplus_lr_ratio must be > 0"),
+        (dict(lr=float("nan")), ValueError, "lr must be a finite number >= 0"),
+        (dict(loraplus_lr_embedding=-1), ValueError, "loraplus_lr_embedding must be a finite number >= 0"),
+        (dict(momentun=0.9), TypeError, "momentun"),
+    ]:
+        with pytest.raises(error, match=match):
+            lorac.optim.create_loraplus_optimizer(model, **{"optimizer_cls": lorac.optim.SGD, "lr": 0.01,
+                                                            "loraplus_lr_ratio": 8, **kwargs})
