@@ -212,8 +212,9 @@ def _number(value):
     return int(value) if float(value).is_integer() else float(value)
 
 
-def build_config(layers, base_model_name_or_path=None, lora_dropout=0.0):
-    """adapter_config.json content (a dict) for ``layers``: {path: LayerAdapter}.
+def build_config(layers, base_model_name_or_path=None, lora_dropout=0.0, bias="none", modules_to_save=None):
+    """adapter_config.json content (a dict) for ``layers``: {path: LayerAdapter};
+    ``bias`` and ``modules_to_save`` say which other tensors the folder holds.
 
     Each layer's own scaling is reproduced exactly: the global use_rslora is
     the layers' majority, and a layer of the other kind gets the alpha that
@@ -246,8 +247,8 @@ def build_config(layers, base_model_name_or_path=None, lora_dropout=0.0):
         "target_modules": exact_targets(paths),
         "rank_pattern": {exact_pattern(p): ranks[p] for p in paths if ranks[p] != r},
         "alpha_pattern": {exact_pattern(p): _number(alphas[p]) for p in paths if alphas[p] != alpha},
-        "bias": "none",
-        "modules_to_save": None,
+        "bias": bias,
+        "modules_to_save": list(modules_to_save) if modules_to_save else None,
         "init_lora_weights": True,
         "inference_mode": True,
         "use_dora": False,

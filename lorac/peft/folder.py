@@ -136,19 +136,23 @@ def read_peft_folder(path, adapter_name=None):
     return adapter, config
 
 
-def write_peft_folder(adapter, path, base_model_name_or_path=None):
+def write_peft_folder(adapter, path, base_model_name_or_path=None, bias="none", modules_to_save=None,
+                      peft_tensors=None):
     """Write ``adapter`` as a PEFT LoRA folder loadable by PeftModel.from_pretrained.
 
-    Only the LoRA tensors are written (``extra`` is not: PEFT would need a
-    matching modules_to_save / bias setting).  Returns the config dict.
+    The LoRA tensors are written, and ``peft_tensors`` ({PEFT key: array}:
+    the biases and modules_to_save tensors that ``bias`` and
+    ``modules_to_save`` declare in the config) if given; ``adapter.extra``
+    is not (PEFT would need to know what each tensor is).  Returns the
+    config dict.
     """
     layers = adapter.layers
     for path_, layer in layers.items():
         if layer.lora_alpha is None:
             raise AdapterError(f"lora_alpha of layer {path_!r} is unknown; give it (e.g. --alpha)")
     config = build_config(layers, base_model_name_or_path or adapter.base_model_name_or_path,
-                          adapter.lora_dropout)
-    tensors = {}
+                          adapter.lora_dropout, bias, modules_to_save)
+    tensors = dict(peft_tensors or {})
     for path_, layer in layers.items():
         kind = layer.kind or "linear"
         tensors[peft_key(path_, "lora_A", kind)] = layer.lora_A

@@ -107,6 +107,13 @@ def peft_key(path, param, kind):
     return f"{PREFIX}{path}.base_layer.{param}"
 
 
+def peft_module_key(path, param):
+    """The key PEFT's save_pretrained writes for ``<path>.<param>`` of a module
+    that is not a LoRA layer (a modules_to_save tensor, or a bias under
+    bias="all")."""
+    return f"{PREFIX}{path}.{param}"
+
+
 def lorac_key(path, param):
     """lorac's / loralib's state-dict key."""
     return f"{path}.{param}" if path else param

@@ -3,10 +3,12 @@ as a lorac file's metadata."""
 
 from collections import Counter
 
+import numpy as np
+
 from ..module import Module
 from .adapter import Adapter, LayerAdapter
 from .folder import write_peft_folder
-from .keys import lorac_key
+from .keys import lorac_key, peft_key, peft_module_key
 from .targets import layer_kind
 
 
@@ -40,7 +42,10 @@ def adapter_from_model(model):
     return adapter
 
 
-def save_peft_adapter(model, path, base_model_name_or_path=None):
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+def save_peft_adapter(model, path, base_model_name_or_path=None, *, bias="none", modules_to_save=None):
     """Write the model's LoRA adapters as a PEFT adapter folder at ``path``.
 
     The folder (created if needed) gets ``adapter_model.safetensors`` with
@@ -58,10 +63,20 @@ def save_peft_adapter(model, path, base_model_name_or_path=None):
       out) (PEFT corrects it per layer type anyway; lora_A/B do not depend
       on it); ``lora_dropout`` is the Linear layers' most common value.
 
-    Only adapter tensors are written (no biases, no modules_to_save).  The
-    model is read, never changed; merged layers are fine (lora_A/B are the
-    same).  Raises ValueError if the model has no LoRA layer.  Returns the
-    config dict written.
+    Other trained tensors go in as PEFT's LoraConfig fields of the same
+    names say (PEFT saves and loads them the same way):
+
+    - ``bias``: "none" (default), "all" (every module's bias; a LoRA layer's
+      as ``<path>.base_layer.bias``) or "lora_only" (the LoRA layers'
+      biases);
+    - ``modules_to_save``: names of modules (a path, or the last parts of
+      one) whose whole state is saved, such as a classifier head trained
+      in full.  Each name must match a module that is not and does not
+      hold a LoRA layer; the config lists the matched paths.
+
+    The model is read, never changed; merged layers are fine (lora_A/B and
+    the biases are the same).  Raises ValueError if the model has no LoRA
+    layer or for a bad argument.  Returns the config dict written.
     """
     adapter = adapter_from_model(model)
     if not adapter.layers:
@@ -69,7 +84,51 @@ def save_peft_adapter(model, path, base_model_name_or_path=None):
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError("save_peft_adapter: base_model_name_or_path must be a str or None, got "
                         f"{type(base_model_name_or_path).__name__}")
-    return write_peft_folder(adapter, path, base_model_name_or_path)
+    if bias not in BIAS_MODES:
+        raise ValueError(f"save_peft_adapter: bias must be one of {BIAS_MODES}, got {bias!r}")
+    saved = _modules_to_save(model, modules_to_save, adapter.layers)
+    tensors = {}
+    for mpath, module in saved.items():
+        for name, value in module.state_dict().items():
+            tensors[peft_module_key(mpath, name)] = np.array(value)
+    if bias != "none":
+        for mpath, module in model.named_modules():
+            param = module._parameters.get("bias")
+            if param is None or not mpath or any(_inside(mpath, s) for s in saved):
+                continue
+            if mpath in adapter.layers:
+                tensors[peft_key(mpath, "bias", None)] = param.data.copy()
+            elif bias == "all":
+                tensors[peft_module_key(mpath, "bias")] = param.data.copy()
+    return write_peft_folder(adapter, path, base_model_name_or_path, bias=bias,
+                             modules_to_save=list(saved) or None, peft_tensors=tensors)
+
+
+def _inside(path, root):
+    return path == root or path.startswith(root + ".")
+
+
+def _modules_to_save(model, names, lora_paths):
+    """{path: module} of the modules that ``names`` select (save_peft_adapter)."""
+    func = "save_peft_adapter"
+    if names is None:
+        return {}
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"{func}: modules_to_save must be a list of module names, got {names!r}")
+    modules = dict(model.named_modules())
+    saved = {}
+    for name in names:
+        found = [p for p in modules if p and (p == name or p.endswith("." + name))]
+        if not found:
+            raise ValueError(f"{func}: modules_to_save entry {name!r} matches no module of the model")
+        for mpath in found:
+            inner = [p for p in lora_paths if _inside(p, mpath)]
+            if inner:
+                raise ValueError(f"{func}: modules_to_save entry {name!r} selects {mpath!r}, which "
+                                 f"{'is' if inner == [mpath] else 'holds'} a LoRA layer ({inner[0]!r}); "
+                                 "PEFT saves a module either as an adapter or whole, not both")
+            saved[mpath] = modules[mpath]
+    return saved
 
 
 def adapter_metadata(model):

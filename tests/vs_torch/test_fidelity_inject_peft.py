@@ -278,3 +278,57 @@ def test_loraplus_steps_lora_b_ratio_times_as_far_and_checks_its_arguments():
         with pytest.raises(error, match=match):
             lorac.optim.create_loraplus_optimizer(model, **{"optimizer_cls": lorac.optim.SGD, "lr": 0.01,
                                                             "loraplus_lr_ratio": 8, **kwargs})
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_biases_and_modules_to_save_round_trip_through_peft_and_lorac(tmp_path, bias):
+    """Train LoRA plus a bias or two and whole modules (a head, a norm) in
+    lorac; save_peft_adapter(bias=..., modules_to_save=...) holds them so
+    that PeftModel.from_pretrained and load_peft_adapter, each on the
+    untouched base, compute what the trained lorac model computes."""
+    model = lorac_model()
+    base = {k: v.copy() for k, v in model.state_dict().items()}
+    lorac.inject_lora(model, ["q_proj", "v_proj"], r=2, lora_alpha=4, init=False, rng=0)
+    rng = np.random.default_rng(4)
+    q, k = model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj
+    for changed in (q.bias, k.bias, model.model.norm.weight, model.model.norm.bias, model.lm_head.weight):
+        changed.data += rng.standard_normal(changed.shape)
+    config = lorac.save_peft_adapter(model, tmp_path / "a", bias=bias, modules_to_save=["norm", "lm_head"])
+    assert config["bias"] == bias and config["modules_to_save"] == ["model.norm", "lm_head"]
+
+    twin = torch_model()
+    twin.load_state_dict({key: torch.from_numpy(value) for key, value in base.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(twin, str(tmp_path / "a"))
+    theirs = dict(loaded.base_model.model.named_modules())
+    restored = lorac_model()
+    restored.load_state_dict(base)
+    lorac.load_peft_adapter(restored, tmp_path / "a")
+
+    x = rng.standard_normal((3, HIDDEN))
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.norm", "lm_head"):
+        trained = model.get_submodule(path)(x)
+        with torch.no_grad():
+            peft_out = theirs[path](torch.from_numpy(x)).numpy()
+        if path.endswith("k_proj") and bias == "lora_only":  # not a LoRA layer: its bias was not saved
+            untouched = x @ base[f"{path}.weight"].T + base[f"{path}.bias"]
+            np.testing.assert_allclose(peft_out, untouched, rtol=1e-12)
+            np.testing.assert_allclose(restored.get_submodule(path)(x), untouched, rtol=1e-12)
+            continue
+        assert_matches(peft_out, torch.from_numpy(trained), np.float64, f"PEFT {path}")
+        assert_matches(restored.get_submodule(path)(x), torch.from_numpy(trained), np.float64, f"lorac {path}")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(bias="some"), ValueError, "bias must be one of"),
+    (dict(modules_to_save="lm_head"), TypeError, "modules_to_save must be a list of module names"),
+    (dict(modules_to_save=["nothing"]), ValueError, "'nothing' matches no module"),
+    (dict(modules_to_save=["q_proj"]), ValueError, "which is a LoRA layer"),
+    (dict(modules_to_save=["self_attn"]), ValueError, "which holds a LoRA layer"),
+])
+def test_save_peft_adapter_refuses_bad_extras(tmp_path, kwargs, error, match):
+    model = lorac.inject_lora(lorac_model(), ["q_proj"], r=2)
+    with pytest.raises(error, match=match):
+        lorac.save_peft_adapter(model, tmp_path / "a", **kwargs)
+    assert not (tmp_path / "a").exists()
