@@ -50,6 +50,13 @@ COMBINATIONS = ("cat", "linear", "svd")
 
 
 # -- finding layers ------------------------------------------------------------
+def _refuse_dora(layer, path, func, what):
+    if layer.use_dora:
+        raise ValueError(f"{func}: layer {path!r} is a DoRALinear, which holds one adapter; {what} is for "
+                         "plain LoRA layers")
+
+
+
 def adapter_layers(model):
     """[(path, layer)] of the LoRA layers of `model` that hold named adapters
     (lorac.Linear, Embedding, MergedLinear), `model` itself included ("")."""
@@ -121,6 +128,7 @@ def add_adapter(model, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False
     settings = per_layer_settings([p for p, _ in chosen], r, lora_alpha, rank_pattern, alpha_pattern, "add_adapter")
     spec = check_init(init, init_std, "add_adapter")
     for path, layer in chosen:
+        _refuse_dora(layer, path, "add_adapter", "adding a named adapter")
         if name in layer.adapter_names:
             raise ValueError(f"add_adapter: layer {path!r} already has an adapter {name!r}")
         if spec.name == "pissa":
@@ -251,7 +259,9 @@ def _replace_by_plain(model, layers):
 def _plain_layer(layer):
     """The layer the constructor gives with r = 0, holding `layer`'s (merged)
     weight and bias Parameters (no copy); `layer` is left as it is."""
-    new = layer._copy_sharing_contents((k, v) for k, v in layer._parameters.items() if not k.startswith("lora_"))
+    new = layer._copy_sharing_contents(((k, v) for k, v in layer._parameters.items() if not k.startswith("lora_")),
+                                       layer._unloaded_class())
+    new.__dict__.pop("_dora_merge", None)
     forget_thread_state(new)
     new._init_lora(0, 1, 0.0, layer.merge_weights, False)
     new.weight.requires_grad = True
@@ -309,6 +319,7 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
         held = [(n, w) for n, w in zip(names, weights) if n in layer.adapter_names]
         if not held:
             continue
+        _refuse_dora(layer, path, "add_weighted_adapter", "combining its adapter")
         a, b = _combined(layer, [n for n, _ in held], [w for _, w in held], combination, svd_rank, path)
         dropout = layer.adapter_config(held[0][0]).lora_dropout
         plans.append((layer, a, b, dropout))
@@ -432,6 +443,7 @@ def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, st
     plans = []
     for lpath, pair in halves.items():
         layer = layers[lpath]
+        _refuse_dora(layer, lpath, "load_adapter", "hot-swapping lora_A / lora_B without the magnitude")
         if len(pair) != 2:
             (key, _), = pair.values()
             raise ValueError(f"load_adapter: {path}: {key!r} has no matching lora_A/lora_B partner")

@@ -158,11 +158,12 @@ class Module:
                 registry.pop(name, None)
         self._non_persistent_buffers.discard(name)
 
-    def _copy_sharing_contents(self, parameters):
-        """A new instance of this module's class with its attributes, children
-        and buffers, but registries of its own, holding `parameters` ((name,
-        Parameter) pairs): a layer rebuilt around the same arrays."""
-        new = object.__new__(type(self))
+    def _copy_sharing_contents(self, parameters, cls=None):
+        """A new instance of this module's class (or of `cls`) with its
+        attributes, children and buffers, but registries of its own, holding
+        `parameters` ((name, Parameter) pairs): a layer rebuilt around the
+        same arrays."""
+        new = object.__new__(type(self) if cls is None else cls)
         new.__dict__.update(self.__dict__)
         new.__dict__["_parameters"] = OrderedDict(parameters)
         new.__dict__["_modules"] = OrderedDict(self._modules)

@@ -152,6 +152,11 @@ class NamedAdapters(ThreadState):
     ``_mixed_forward``."""
 
     _named_adapters = True   # layer kinds without named adapters (MoLoRALinear) set False
+    use_dora = False         # DoRALinear: one adapter, no named ones (layers/dora.py)
+
+    def _unloaded_class(self):
+        """The class of the plain layer unload / merge_and_unload leave in this one's place."""
+        return type(self)
 
     def _init_adapters(self):
         """(Re)set the adapter bookkeeping to "default" only (called by _init_lora)."""
