@@ -274,12 +274,16 @@ def test_bad_input_gives_one_line_errors(capsys, tmp_path):
 def test_refused_peft_adapter_in_cli(capsys, files):
     tmp, _, _ = files
     config = json.loads((tmp / "peft" / "adapter_config.json").read_text())
-    config["use_dora"] = True
+    config["lora_bias"] = True
     (tmp / "peft" / "adapter_config.json").write_text(json.dumps(config))
     code, _, err = run(capsys, "convert", tmp / "peft", tmp / "x.safetensors")
-    assert_one_line_error(code, err, "use_dora=True asks for DoRA")
+    assert_one_line_error(code, err, "lora_bias=True asks for a bias on lora_B")
     code, out, _ = run(capsys, "info", tmp / "peft")
     assert code == 0 and "lorac cannot load this adapter" in out
+    config["lora_bias"], config["use_dora"] = False, True   # DoRA loads, but needs its magnitude vectors
+    (tmp / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "convert", tmp / "peft", tmp / "x.safetensors")
+    assert_one_line_error(code, err, "use_dora is set but layer")
 
 
 def test_console_entry_point_runs(files, child_env):
@@ -305,3 +309,21 @@ def test_info_on_corrupt_safetensors_headers(capsys, tmp_path):
         path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
         code, _, err = run(capsys, "info", path)
         assert_one_line_error(code, err, str(path))
+
+
+def test_merge_refuses_dora_adapters_and_convert_keeps_their_magnitudes(capsys, files, rng):
+    tmp, _, _ = files
+    model = trained(mlp(), rng, use_dora=True)
+    lorac.save_peft_adapter(model, tmp / "dora")
+    code, _, err = run(capsys, "merge", tmp / "base.safetensors", tmp / "dora", "-o", tmp / "merged.safetensors")
+    assert_one_line_error(code, err, "is a DoRA layer (lora_magnitude_vector)", "lorac.merge_and_unload")
+    assert not (tmp / "merged.safetensors").exists()
+    assert run(capsys, "convert", tmp / "dora", tmp / "dora.safetensors")[0] == 0
+    back = lorac.load(tmp / "dora.safetensors")
+    np.testing.assert_array_equal(back["0.lora_magnitude_vector"], model[0].lora_magnitude_vector.data)
+    assert run(capsys, "convert", tmp / "dora.safetensors", str(tmp / "again") + "/")[0] == 0
+    restored = mlp()
+    restored.load_state_dict(lorac.load(tmp / "base.safetensors"))
+    lorac.load_peft_adapter(restored, tmp / "again")
+    x = rng.standard_normal((2, 6)).astype(np.float32)
+    np.testing.assert_allclose(restored(x), model(x), rtol=1e-5, atol=1e-6)

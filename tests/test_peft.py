@@ -247,7 +247,6 @@ def test_lorac_saved_embedding_adapter_loads_in_peft(tmp_path):
 # -- refusals with real PEFT files ---------------------------------------------------------
 @pytest.mark.torch
 @pytest.mark.parametrize("option,match", [
-    (dict(use_dora=True), "use_dora"),
     (dict(lora_bias=True), "lora_bias"),
 ])
 def test_peft_features_lorac_cannot_honour_are_refused(tmp_path, option, match):
@@ -418,7 +417,6 @@ def test_layer_kind_checks(tmp_path, rng):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("use_dora", True, "use_dora=True asks for DoRA"),
     ("lora_bias", True, "lora_bias"),
     ("peft_type", "LOHA", "peft_type must be 'LORA', got 'LOHA'"),
     ("init_lora_weights", "pissa_niter_4", "changes the base model's weights"),
@@ -473,10 +471,18 @@ def test_parse_key(key, expected):
     assert (parsed if parsed is None else tuple(parsed)) == expected
 
 
-@pytest.mark.parametrize("key", ["base_model.model.fc.lora_magnitude_vector", "base_model.model.fc.lora_B.bias"])
-def test_parse_key_refuses_dora_and_lora_bias(key):
+def test_parse_key_refuses_lora_bias():
     with pytest.raises(UnsupportedKeyError):
-        parse_key(key)
+        parse_key("base_model.model.fc.lora_B.bias")
+
+
+@pytest.mark.parametrize("key", ["base_model.model.fc.lora_magnitude_vector",
+                                 "base_model.model.fc.lora_magnitude_vector.weight",
+                                 "fc.lora_magnitude_vector.default.weight", "fc.lora_magnitude_vector.default"])
+def test_parse_key_reads_dora_magnitudes(key):
+    assert tuple(parse_key(key)) == ("fc", "lora_magnitude_vector", "dora", False)
+    assert parse_key("fc.lora_magnitude_vector.other.weight") is None
+    assert parse_key("lora_magnitude_vector") is None
 
 
 def test_peft_key_inverts_parse_key():

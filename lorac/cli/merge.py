@@ -27,7 +27,7 @@ import os
 
 from .. import _C, checkpoint
 from ..peft.keys import lorac_key
-from ._adapters import add_source_options, read_adapter, require_alpha, require_plain
+from ._adapters import add_source_options, read_adapter, require_alpha, require_no_dora, require_plain
 from . import CommandError
 
 PROGRESS_BYTES = 64 * 2**20
@@ -83,6 +83,7 @@ def run(args):
         raise CommandError("OUT must differ from BASE and ADAPTER")
     adapter, _ = read_adapter(args.adapter, args)
     require_plain(adapter, args.adapter, "lorac merge")
+    require_no_dora(adapter, args.adapter, "lorac merge")
     if not adapter.layers:
         raise CommandError(f"{args.adapter}: no LoRA tensors to merge")
     require_alpha(adapter, args.adapter)

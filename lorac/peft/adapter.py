@@ -50,6 +50,7 @@ class LayerAdapter:
     use_rslora: bool = False
     fan_in_fan_out: bool = None
     keys: tuple = ()  # the source keys of lora_A and lora_B, for messages
+    magnitude: np.ndarray = None  # DoRA's lora_magnitude_vector (out,), None for plain LoRA
 
     @property
     def r(self):
@@ -75,10 +76,10 @@ class LayerAdapter:
         return self.kind == "embedding" or bool(self.fan_in_fan_out)
 
     def num_parameters(self):
-        return int(self.lora_A.size + self.lora_B.size)
+        return int(self.lora_A.size + self.lora_B.size + (0 if self.magnitude is None else self.magnitude.size))
 
     def nbytes(self):
-        return int(self.lora_A.nbytes + self.lora_B.nbytes)
+        return int(self.lora_A.nbytes + self.lora_B.nbytes + (0 if self.magnitude is None else self.magnitude.nbytes))
 
 
 @dataclass
@@ -101,6 +102,8 @@ class Adapter:
         for path, layer in self.layers.items():
             out[lorac_key(path, "lora_A")] = layer.lora_A
             out[lorac_key(path, "lora_B")] = layer.lora_B
+            if layer.magnitude is not None:
+                out[lorac_key(path, "lora_magnitude_vector")] = layer.magnitude
         out.update(self.extra)
         return out
 
@@ -228,4 +231,12 @@ def from_lorac_state(state, metadata=None, source="state dict", lora_alpha=None,
                                f"has shape {a.shape}")
         adapter.layers[path] = LayerAdapter(a, b, kind=kind, lora_alpha=alpha, use_rslora=bool(rslora),
                                             fan_in_fan_out=fifo, keys=(a_key, b_key))
+    for path, layer in adapter.layers.items():   # DoRA: <path>.lora_magnitude_vector (out,)
+        key = lorac_key(path, "lora_magnitude_vector")
+        if key in adapter.extra:
+            value = np.asarray(adapter.extra.pop(key))
+            if value.ndim != 1 or value.shape[0] != layer.out_features:
+                raise AdapterError(f"{source}: {key!r} must have shape ({layer.out_features},), the layer's "
+                                   f"outputs; found {value.shape}")
+            layer.magnitude = value
     return adapter

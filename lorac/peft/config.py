@@ -9,7 +9,9 @@ Reading (``parse_config``) follows PEFT's LoraConfig field by field:
   ``(.*\\.)?(<key>)$``, first key in file order wins), ``fan_in_fan_out``,
   ``lora_dropout`` (given to rebuilt layers), ``bias`` and ``modules_to_save``
   (their tensors, when present, are loaded into the model's parameters).
-- Refused with PeftConfigError naming the field: ``use_dora``, ``lora_bias``,
+- ``use_dora``: DoRA; its Linear layers load as ``lorac.DoRALinear`` (an
+  Embedding DoRA adapter is refused when the tensors are read).
+- Refused with PeftConfigError naming the field: ``lora_bias``,
   ``use_qalora``, ``alora_invocation_tokens``, ``use_bdlora``,
   ``arrow_config``, ``kasa_config``, ``monteclora_config``,
   ``layer_replication``, ``target_parameters``, ``trainable_token_indices``,
@@ -52,7 +54,6 @@ KNOWN_FIELDS = frozenset("""
 
 # field -> what it is; refused when set to anything but null/false/empty.
 REFUSED_FIELDS = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a bias on lora_B",
     "use_qalora": "QALoRA (quantisation-aware pooling)",
     "alora_invocation_tokens": "activated LoRA (token-dependent adapter)",
@@ -115,6 +116,7 @@ class PeftAdapterConfig:
     use_rslora: bool = False
     fan_in_fan_out: bool = False
     lora_dropout: float = 0.0
+    use_dora: bool = False
     bias: str = "none"
     modules_to_save: list = field(default_factory=list)
     base_model_name_or_path: str = None
@@ -178,6 +180,7 @@ def parse_config(raw, source):
         use_rslora=_flag(raw, "use_rslora", source),
         fan_in_fan_out=_flag(raw, "fan_in_fan_out", source),
         lora_dropout=dropout,
+        use_dora=_flag(raw, "use_dora", source),
         bias=bias,
         modules_to_save=list(modules_to_save),
         base_model_name_or_path=base if isinstance(base, str) else None,
@@ -212,7 +215,8 @@ def _number(value):
     return int(value) if float(value).is_integer() else float(value)
 
 
-def build_config(layers, base_model_name_or_path=None, lora_dropout=0.0, bias="none", modules_to_save=None):
+def build_config(layers, base_model_name_or_path=None, lora_dropout=0.0, bias="none", modules_to_save=None,
+                 use_dora=False):
     """adapter_config.json content (a dict) for ``layers``: {path: LayerAdapter};
     ``bias`` and ``modules_to_save`` say which other tensors the folder holds.
 
@@ -251,6 +255,6 @@ def build_config(layers, base_model_name_or_path=None, lora_dropout=0.0, bias="n
         "modules_to_save": list(modules_to_save) if modules_to_save else None,
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": bool(use_dora),
         "lora_bias": False,
     }

@@ -21,7 +21,7 @@ from .. import checkpoint
 from ..checkpoint.atomic import atomic_write
 from .adapter import Adapter, AdapterError, LayerAdapter
 from .config import CONFIG_NAME, build_config, parse_config
-from .keys import UnsupportedKeyError, lorac_key, parse_key, peft_key
+from .keys import UnsupportedKeyError, lorac_key, parse_key, peft_key, peft_magnitude_key
 
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 MAX_CONFIG_BYTES = 16 * 2**20
@@ -84,7 +84,7 @@ def read_peft_folder(path, adapter_name=None):
     state = checkpoint.load(source)
     names = ("default",) if adapter_name in (None, "default") else ("default", adapter_name)
 
-    halves, extra, extra_source = {}, {}, {}
+    halves, extra, extra_source, magnitudes = {}, {}, {}, {}
     for key, value in state.items():
         try:
             parsed = parse_key(key, names)
@@ -94,6 +94,12 @@ def read_peft_folder(path, adapter_name=None):
             raise PeftFolderError(f"{source}: unexpected key {key!r}: not a LoRA tensor, a base_layer "
                                   "parameter or a modules_to_save parameter")
         if parsed.ignored:
+            continue
+        if parsed.kind == "dora":
+            if parsed.path in magnitudes:
+                raise PeftFolderError(f"{source}: {key!r} and {magnitudes[parsed.path][0]!r} both give the "
+                                      f"DoRA magnitude of {parsed.path!r}")
+            magnitudes[parsed.path] = (key, value)
             continue
         if parsed.kind is not None:
             slot = halves.setdefault(parsed.path, {})
@@ -133,7 +139,36 @@ def read_peft_folder(path, adapter_name=None):
         adapter.layers[path] = LayerAdapter(
             a, b, kind=a_kind, lora_alpha=config.alpha_for(path), use_rslora=config.use_rslora,
             fan_in_fan_out=config.fan_in_fan_out if a_kind == "linear" else False, keys=(a_key, b_key))
+    _attach_magnitudes(adapter, magnitudes, config, source)
     return adapter, config
+
+
+def _attach_magnitudes(adapter, magnitudes, config, source):
+    """Give each DoRA layer its magnitude vector: with use_dora, every adapted
+    Linear needs one (out,) float vector; without, there must be none."""
+    if magnitudes and not config.use_dora:
+        key = next(iter(magnitudes.values()))[0]
+        raise PeftFolderError(f"{source}: {key!r} is a DoRA magnitude vector but adapter_config.json does not "
+                              "set use_dora")
+    for path, (key, value) in magnitudes.items():
+        layer = adapter.layers.get(path)
+        if layer is None:
+            raise PeftFolderError(f"{source}: {key!r} has no lora_A / lora_B of its layer {path!r}")
+        if layer.kind == "embedding":
+            raise PeftFolderError(f"{source}: {key!r}: DoRA on an Embedding layer; lorac implements DoRA for "
+                                  "Linear layers (lorac.DoRALinear)")
+        out = layer.out_features
+        if value.ndim != 1 or value.dtype.kind != "f" or value.shape[0] != out:
+            raise PeftFolderError(f"{source}: {key!r} must be a 1-D float tensor of the layer's {out} outputs, "
+                                  f"found shape {value.shape} dtype {value.dtype}")
+        layer.magnitude = value
+    if config.use_dora:
+        lacking = [p for p, layer in adapter.layers.items() if layer.magnitude is None]
+        if lacking:
+            embedding = adapter.layers[lacking[0]].kind == "embedding"
+            raise PeftFolderError(f"{source}: use_dora is set but layer {lacking[0]!r} has no "
+                                  "lora_magnitude_vector" + ("; lorac implements DoRA for Linear layers only"
+                                                             if embedding else ""))
 
 
 def write_peft_folder(adapter, path, base_model_name_or_path=None, bias="none", modules_to_save=None,
@@ -150,9 +185,16 @@ def write_peft_folder(adapter, path, base_model_name_or_path=None, bias="none", 
     for path_, layer in layers.items():
         if layer.lora_alpha is None:
             raise AdapterError(f"lora_alpha of layer {path_!r} is unknown; give it (e.g. --alpha)")
+    dora = [p for p, layer in layers.items() if layer.magnitude is not None]
+    if dora and len(dora) != len(layers):
+        plain = next(p for p, layer in layers.items() if layer.magnitude is None)
+        raise AdapterError(f"layers {dora[0]!r} (DoRA) and {plain!r} (plain LoRA) cannot share one PEFT adapter: "
+                           "its adapter_config.json has one use_dora for every layer; save them separately")
     config = build_config(layers, base_model_name_or_path or adapter.base_model_name_or_path,
-                          adapter.lora_dropout, bias, modules_to_save)
+                          adapter.lora_dropout, bias, modules_to_save, use_dora=bool(dora))
     tensors = dict(peft_tensors or {})
+    for path_ in dora:
+        tensors[peft_magnitude_key(path_)] = layers[path_].magnitude
     for path_, layer in layers.items():
         kind = layer.kind or "linear"
         tensors[peft_key(path_, "lora_A", kind)] = layer.lora_A

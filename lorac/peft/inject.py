@@ -12,7 +12,7 @@ from .targets import build_layer, describe, layer_kind, swap_layer
 
 def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in_fan_out=False,
                 use_rslora=False, rng=None, *, exclude_modules=None, rank_pattern=None, alpha_pattern=None,
-                layers_to_transform=None, layers_pattern=None, init="kaiming", init_std=None):
+                layers_to_transform=None, layers_pattern=None, init="kaiming", init_std=None, use_dora=False):
     """Replace the matching plain ``lorac.Linear`` / ``lorac.Embedding`` layers
     (r = 0) of ``model`` by LoRA layers; returns ``model``.  The selection
     and per-layer settings follow PEFT's LoraConfig fields of the same
@@ -48,6 +48,9 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
         (default), 'gaussian' (std 0.01 unless init_std; PEFT's is 1 / r),
         'zeros_A', 'pissa' / 'pissa_niter_N' (the base weight becomes the
         residual), or PEFT's True / False.
+    use_dora: make the Linear layers ``lorac.DoRALinear`` (DoRA, PEFT's
+        use_dora), their magnitudes starting at the row norms so the outputs
+        do not change; an Embedding target is then refused.
 
     Raises ValueError if nothing matches, if a matching module is of another
     kind (names it and its type) or already has an adapter, or for a bad
@@ -64,8 +67,9 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
     lora_dropout = probability(lora_dropout, "lora_dropout")
     if fan_in_fan_out is not None and not isinstance(fan_in_fan_out, bool):
         raise TypeError(f"{func}: fan_in_fan_out must be a bool or None, got {type(fan_in_fan_out).__name__}")
-    if not isinstance(use_rslora, bool):
-        raise TypeError(f"{func}: use_rslora must be a bool, got {type(use_rslora).__name__}")
+    for name, flag in (("use_rslora", use_rslora), ("use_dora", use_dora)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{func}: {name} must be a bool, got {type(flag).__name__}")
     spec = check_init(init, init_std, func)
     rng = as_generator(rng)
 
@@ -79,6 +83,9 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
                              "lorac.Linear and lorac.Embedding layers can be given a LoRA adapter")
         if module.r > 0:
             raise ValueError(f"{func}: {path!r} already has a LoRA adapter (r={module.r})")
+        if use_dora and layer_kind(module) == "embedding":
+            raise ValueError(f"{func}: use_dora: {path!r} is an Embedding; lorac implements DoRA for Linear "
+                             "layers (exclude it, or inject it separately without use_dora)")
         chosen.append((path, module))
     if not chosen:
         adaptable = [p for p, m in modules.items() if p and layer_kind(m) is not None]
@@ -97,7 +104,7 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
                           f"using the layer's own layout (fan_in_fan_out={module.fan_in_fan_out})",
                           UserWarning, stacklevel=2)
     # every adapter (and PiSSA's SVD) is made before any layer is swapped in
-    builds = [build_layer(module, layer_r, layer_alpha, use_rslora, lora_dropout, rng, spec)
+    builds = [build_layer(module, layer_r, layer_alpha, use_rslora, lora_dropout, rng, spec, use_dora)
               for (_, module), (layer_r, layer_alpha) in zip(chosen, settings)]
     for (path, module), (new, weight) in zip(chosen, builds):
         swap_layer(modules, path, module, new, weight=weight)

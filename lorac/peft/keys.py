@@ -20,9 +20,11 @@ taken as module paths as they are.  lorac's and loralib's own keys are the
 right-hand column, so both LoRA kinds share lorac's ``lora_A``/``lora_B``
 names (loralib's Embedding stores the same shapes as PEFT's).
 
-Keys of features lorac does not implement are refused by ``parse_key``:
-``lora_magnitude_vector`` (DoRA) and ``lora_B.bias``/``lora_A.bias``
-(``lora_bias``).
+DoRA's magnitude, ``base_model.model.<path>.lora_magnitude_vector`` (also
+with ``.weight`` or ``.<name>[.weight]`` after it), maps to
+``<path>.lora_magnitude_vector`` with kind "dora".  Keys of features lorac
+does not implement are refused by ``parse_key``: ``lora_B.bias`` /
+``lora_A.bias`` (``lora_bias``).
 """
 
 from collections import namedtuple
@@ -39,7 +41,7 @@ _LORA_EMBEDDING = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
 
 
 class UnsupportedKeyError(ValueError):
-    """A key that belongs to a PEFT feature lorac cannot honour (DoRA, lora_bias)."""
+    """A key that belongs to a PEFT feature lorac cannot honour (lora_bias)."""
 
 
 def _join(tokens):
@@ -50,14 +52,20 @@ def parse_key(key, adapter_names=("default",)):
     """Map one PEFT adapter key to a ParsedKey, or None if it has no known form.
 
     ``adapter_names``: the names allowed to appear inside keys.  Raises
-    UnsupportedKeyError for DoRA / lora_bias tensors.
+    UnsupportedKeyError for lora_bias tensors.
     """
     body = key[len(PREFIX):] if key.startswith(PREFIX) else key
     tokens = body.split(".")
     if any(not t for t in tokens):
         return None
     if "lora_magnitude_vector" in tokens:
-        raise UnsupportedKeyError(f"{key!r} is a DoRA magnitude vector (use_dora); lorac implements plain LoRA only")
+        at = tokens.index("lora_magnitude_vector")
+        rest = tokens[at + 1:]
+        if rest and rest[0] in adapter_names:
+            rest = rest[1:]
+        if at == 0 or rest not in ([], ["weight"]):
+            return None
+        return ParsedKey(_join(tokens[:at]), "lora_magnitude_vector", "dora", False)
     if "original_module" in tokens:
         return ParsedKey(_join(tokens[:tokens.index("original_module")]), tokens[-1], None, True)
 
@@ -105,6 +113,11 @@ def peft_key(path, param, kind):
             return f"{PREFIX}{path}.lora_embedding_{param[-1]}"
         return f"{PREFIX}{path}.{param}.weight"
     return f"{PREFIX}{path}.base_layer.{param}"
+
+
+def peft_magnitude_key(path):
+    """The key PEFT's save_pretrained writes for a DoRA layer's magnitude vector."""
+    return f"{PREFIX}{path}.lora_magnitude_vector"
 
 
 def peft_module_key(path, param):

@@ -30,9 +30,11 @@ def load_peft_adapter(model, path, adapter_name=None, strict=True):
     on fan_in_fan_out.  Base parameters the file carries (bias="all" /
     "lora_only", modules_to_save) are loaded into the model too.  The loaded
     adapters are trainable (lora_A / lora_B requires_grad), the base weights
-    frozen, as in any lorac LoRA layer; train/eval mode is kept.
+    frozen, as in any lorac LoRA layer; train/eval mode is kept.  A DoRA
+    adapter (use_dora) makes its Linear layers ``lorac.DoRALinear`` holding
+    the file's magnitude vectors.
 
-    Everything -- config fields (DoRA, lora_bias, other peft_types, ... are
+    Everything -- config fields (lora_bias, other peft_types, ... are
     refused with an error naming them), keys, layer kinds, shapes and dtypes
     -- is checked before the model is touched.
 
@@ -96,10 +98,11 @@ def load_peft_adapter(model, path, adapter_name=None, strict=True):
                                 + "; ".join(parts), missing, unexpected)
 
     # Everything is validated: build the new layers (no change to the model yet), then swap them in.
-    news = [build_layer(m, layer.r, layer.lora_alpha, layer.use_rslora, config.lora_dropout, None)[0]
+    news = [build_layer(m, layer.r, layer.lora_alpha, layer.use_rslora, config.lora_dropout, None,
+                        use_dora=layer.magnitude is not None)[0]
             for _, m, layer in plans]
     for (mpath, module, layer), new in zip(plans, news):
-        swap_layer(modules, mpath, module, new, layer.lora_A, layer.lora_B)
+        swap_layer(modules, mpath, module, new, layer.lora_A, layer.lora_B, magnitude=layer.magnitude)
         modules[mpath] = new
     for mpath, values in extras.items():
         modules[mpath]._load_state_items(values)

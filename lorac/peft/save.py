@@ -34,7 +34,8 @@ def adapter_from_model(model):
         adapter.layers[path] = LayerAdapter(
             module.lora_A.data.copy(), module.lora_B.data.copy(), kind=kind, lora_alpha=module.lora_alpha,
             use_rslora=module.use_rslora, fan_in_fan_out=getattr(module, "fan_in_fan_out", False),
-            keys=(lorac_key(path, "lora_A"), lorac_key(path, "lora_B")))
+            keys=(lorac_key(path, "lora_A"), lorac_key(path, "lora_B")),
+            magnitude=module.lora_magnitude_vector.data.copy() if module.use_dora else None)
         if kind == "linear":
             dropouts.append(module.lora_dropout)
     if dropouts:

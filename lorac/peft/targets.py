@@ -15,12 +15,12 @@ initialisation, O(r (in + out)); the base weight is never redrawn.
 import numpy as np
 
 from .._arrays import as_generator
-from ..layers import Embedding, Linear
+from ..layers import DoRALinear, Embedding, Linear
 from ..layers._lora_init import check_init
 from ..layers._threading import forget_thread_state
 from ..module import Parameter
 
-KIND_OF_CLASS = {Linear: "linear", Embedding: "embedding"}
+KIND_OF_CLASS = {Linear: "linear", DoRALinear: "linear", Embedding: "embedding"}
 
 
 def layer_kind(module):
@@ -47,10 +47,12 @@ def parent_of(modules, path):
     return modules[parent_path], name
 
 
-def build_layer(old, r, lora_alpha, use_rslora, lora_dropout, rng, init=None):
-    """(new layer, new base weight or None): a layer like ``old`` (same class,
-    sizes, layout, dtype, merge_weights, mode) with a fresh rank-r adapter;
-    ``old`` is not touched.
+def build_layer(old, r, lora_alpha, use_rslora, lora_dropout, rng, init=None, use_dora=False):
+    """(new layer, new base weight or None): a layer like ``old`` (same kind,
+    sizes, layout, dtype, merge_weights, mode) with a fresh rank-r adapter --
+    a DoRALinear with ``use_dora`` (its magnitude the row norms of the new
+    base weight plus s B A, so the output is unchanged), else a Linear or an
+    Embedding; ``old`` is not touched.
 
     The new layer is a clone of ``old``'s instance state (not a constructor
     call, which would draw a base weight only to throw it away: O(in * out)
@@ -63,9 +65,13 @@ def build_layer(old, r, lora_alpha, use_rslora, lora_dropout, rng, init=None):
     moves them; 'pissa' returns the residual base weight for swap_layer to
     write, None otherwise.
     """
-    new = old._copy_sharing_contents(old._parameters.items())
+    kind = layer_kind(old)
+    cls = Embedding if kind == "embedding" else DoRALinear if use_dora else Linear
+    new = old._copy_sharing_contents(((k, v) for k, v in old._parameters.items() if not k.startswith("lora_")),
+                                     cls)
     forget_thread_state(new)
-    dropout = 0.0 if type(old) is Embedding else lora_dropout
+    new.__dict__.pop("_dora_merge", None)
+    dropout = 0.0 if kind == "embedding" else lora_dropout
     new._init_lora(r, lora_alpha, dropout, old.merge_weights, use_rslora)
     if rng is not None:
         new.rng = as_generator(rng)
@@ -73,17 +79,22 @@ def build_layer(old, r, lora_alpha, use_rslora, lora_dropout, rng, init=None):
     start = new._start_arrays(spec, r, new.scaling, new.rng, "inject_lora")
     new.lora_A = Parameter(start.lora_A)
     new.lora_B = Parameter(start.lora_B)
+    if use_dora:
+        norms = new.dora_row_norms(start.weight)
+        new.lora_magnitude_vector = Parameter(norms.astype(new.dtype))
+        new._dora_merge = None
     return new, start.weight
 
 
-def swap_layer(modules, path, old, new, lora_A=None, lora_B=None, weight=None):
+def swap_layer(modules, path, old, new, lora_A=None, lora_B=None, weight=None, magnitude=None):
     """Put ``new`` (from build_layer(old, ...)) at ``path`` in place of ``old``.
 
     ``modules`` is ``dict(model.named_modules())`` (the root under "").
     ``old`` is unmerged first (the shared weight Parameter then holds the base
     weight), the weight is frozen, ``lora_A`` / ``lora_B`` (if given) are
-    copied into the new adapter, ``weight`` (if given: build_layer's PiSSA
-    residual) into the base weight, and ``new`` takes old's train/eval mode
+    copied into the new adapter, and ``magnitude`` into a DoRA layer's,
+    ``weight`` (if given: build_layer's PiSSA residual) into the base
+    weight, and ``new`` takes old's train/eval mode
     (merging if that is what eval() does for it).  Nothing here fails on
     validated input.
     """
@@ -96,6 +107,8 @@ def swap_layer(modules, path, old, new, lora_A=None, lora_B=None, weight=None):
     if lora_A is not None:
         np.copyto(new.lora_A.data, lora_A, casting="same_kind")
         np.copyto(new.lora_B.data, lora_B, casting="same_kind")
+    if magnitude is not None:
+        np.copyto(new.lora_magnitude_vector.data, magnitude, casting="same_kind")
     parent, name = parent_of(modules, path)
     parent.add_module(name, new)
     new.train(old.training)   # new.merged is False: eval() merges when merge_weights

@@ -237,3 +237,92 @@ def test_disabled_and_cast_and_reset():
     y = layer(x.astype(np.float32))
     np.testing.assert_allclose(y, base, rtol=1e-5, atol=1e-5)
     layer.backward(np.ones_like(y))
+
+
+# -- PEFT folders and inject_lora(use_dora=True) ---------------------------------------
+def decoder_twins():
+    from test_fidelity_inject_peft import lorac_model, torch_model
+    return lorac_model(), torch_model()
+
+
+def randomize_dora(model, seed):
+    rng = np.random.default_rng(seed)
+    for _, layer in model.named_modules():
+        if isinstance(layer, lorac.DoRALinear):
+            layer.lora_B.data[...] = rng.standard_normal(layer.lora_B.shape)
+            layer.lora_magnitude_vector.data *= rng.uniform(0.5, 1.5, layer.out_features)
+
+
+def adapted_paths(model):
+    return [p for p, m in model.named_modules() if isinstance(m, lorac.DoRALinear)]
+
+
+def assert_layers_match(ours, peft_model, x_rng):
+    theirs = dict(peft_model.base_model.model.named_modules())
+    for path in adapted_paths(ours):
+        layer = ours.get_submodule(path)
+        x = x_rng.standard_normal((2, layer.in_features))
+        with torch.no_grad():
+            expected = theirs[path](torch.from_numpy(x))
+        assert_matches(layer(x), expected, np.float64, path)
+
+
+def test_inject_with_use_dora_matches_get_peft_model():
+    ours, twin = decoder_twins()
+    base = {k: torch.from_numpy(v.copy()) for k, v in ours.state_dict().items()}
+    twin.load_state_dict(base)
+    config = dict(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=4)
+    lorac.inject_lora(ours, use_dora=True, **config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.get_peft_model(twin, peft.LoraConfig(use_dora=True, **config))
+    theirs = dict(wrapped.base_model.model.named_modules())
+    assert len(adapted_paths(ours)) == 6
+    for path in adapted_paths(ours):
+        np.testing.assert_allclose(ours.get_submodule(path).lora_magnitude_vector.data,
+                                   theirs[path].lora_magnitude_vector["default"].weight.detach().numpy(),
+                                   rtol=1e-13, err_msg=path)
+
+
+def test_dora_folders_load_and_save_both_ways(tmp_path):
+    ours, twin = decoder_twins()
+    base = {k: v.copy() for k, v in ours.state_dict().items()}
+    twin.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.get_peft_model(twin, peft.LoraConfig(target_modules=["k_proj", "up_proj"], r=3, lora_alpha=5,
+                                                            use_dora=True, init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.rand(param.shape, dtype=param.dtype) + 0.5)
+    wrapped.save_pretrained(str(tmp_path / "from_peft"))
+    assert lorac.load_peft_adapter(ours, tmp_path / "from_peft") == ([], [])
+    assert len(adapted_paths(ours)) == 6
+    assert_layers_match(ours, wrapped, np.random.default_rng(0))
+
+    randomize_dora(ours, 1)
+    config = lorac.save_peft_adapter(ours, tmp_path / "from_lorac")
+    assert config["use_dora"] is True
+    fresh = decoder_twins()[1]
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "from_lorac"))
+    assert_layers_match(ours, loaded, np.random.default_rng(2))
+
+
+def test_dora_adapters_that_cannot_be_expressed_are_refused(tmp_path):
+    from lorac.peft.adapter import AdapterError
+
+    ours = decoder_twins()[0]
+    with pytest.raises(ValueError, match="use_dora: 'model.embed_tokens' is an Embedding"):
+        lorac.inject_lora(ours, ["q_proj", "embed_tokens"], r=2, use_dora=True)
+    assert not adapted_paths(ours) and ours.model.embed_tokens.r == 0
+    lorac.inject_lora(ours, ["q_proj"], r=2, use_dora=True)
+    lorac.inject_lora(ours, ["v_proj"], r=2)
+    with pytest.raises(AdapterError, match="cannot share one PEFT adapter"):
+        lorac.save_peft_adapter(ours, tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()
+    with pytest.raises(TypeError, match="use_dora must be a bool"):
+        lorac.inject_lora(decoder_twins()[0], ["q_proj"], r=2, use_dora=1)
