@@ -5,6 +5,7 @@ wrong shape or value, with a message naming the argument, what was expected
 and what came.
 """
 
+import math
 import numbers
 
 import numpy as np
@@ -88,3 +89,8 @@ def check_last_dim(x, features, name):
     """x must have shape (..., features)."""
     if x.ndim == 0 or x.shape[-1] != features:
         raise ValueError(f"{name} must have shape (..., {features}), got shape {tuple(x.shape)}")
+
+
+def as_rows(a):
+    """``a`` (..., k) as a 2-D (rows, k) view: reshape(-1, k) fails when k = 0."""
+    return a.reshape(math.prod(a.shape[:-1]), a.shape[-1])

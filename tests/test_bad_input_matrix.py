@@ -85,10 +85,12 @@ def matches_reference(ep, kw):
     return result
 
 
-def float_layer():
-    layer = lorac.Linear(4, 3, r=2, lora_alpha=4)
-    layer.lora_B.data[...] = np.random.default_rng(0).standard_normal(layer.lora_B.shape)
-    return layer
+def float_layers():
+    """A LoRA Linear and a DoRA one (4 -> 3, r = 2) with non-zero adapters: the layer rows run on both."""
+    for cls in (lorac.Linear, lorac.DoRALinear):
+        layer = cls(4, 3, r=2, lora_alpha=4)
+        layer.lora_B.data[...] = np.random.default_rng(0).standard_normal(layer.lora_B.shape)
+        yield layer
 
 
 def layer_state(layer):
@@ -451,67 +453,74 @@ def check_lazy_huge_sequences():
 # --------------------------------------------------------------------------
 
 def check_layer_wrong_features():
-    layer = float_layer()
-    state = layer_state(layer)
-    with pytest.raises(ValueError, match=r"Linear.forward: input must have shape \(\.\.\., 4\), got shape \(2, 5\)"):
-        layer(np.ones((2, 5), np.float32))
-    assert_layer_unchanged(layer, state)
-    with pytest.raises(ValueError, match="LayerNorm.forward"):
-        lorac.LayerNorm(4)(np.ones((2, 5), np.float32))
+    for layer in float_layers():
+        state = layer_state(layer)
+        with pytest.raises(ValueError, match=r"Linear.forward: input must have shape \(\.\.\., 4\), got shape "
+                                             r"\(2, 5\)"):
+            layer(np.ones((2, 5), np.float32))
+        assert_layer_unchanged(layer, state)
+        with pytest.raises(ValueError, match="LayerNorm.forward"):
+            lorac.LayerNorm(4)(np.ones((2, 5), np.float32))
 
 
 def check_layer_wrong_dtype():
-    layer = float_layer()
-    for bad in (np.ones((2, 4)), np.ones((2, 4), np.int64), np.ones((2, 4), np.complex64), [["a"] * 4]):
-        with pytest.raises(TypeError, match="Linear.forward: input"):
-            layer(bad)
-    with pytest.raises(TypeError, match="Embedding.forward: indices"):
-        lorac.Embedding(5, 3, r=2)(np.array([0.5]))
+    for layer in float_layers():
+        for bad in (np.ones((2, 4)), np.ones((2, 4), np.int64), np.ones((2, 4), np.complex64), [["a"] * 4]):
+            with pytest.raises(TypeError, match="Linear.forward: input"):
+                layer(bad)
+        with pytest.raises(TypeError, match="Embedding.forward: indices"):
+            lorac.Embedding(5, 3, r=2)(np.array([0.5]))
 
 
 def check_layer_nan_input():
-    layer = float_layer()
-    state = layer_state(layer)
-    x = np.ones((3, 4), np.float32)
-    x[1, 2] = np.nan
-    y = layer(x)
-    assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
-    assert_layer_unchanged(layer, state)
+    for layer in float_layers():
+        state = layer_state(layer)
+        x = np.ones((3, 4), np.float32)
+        x[1, 2] = np.nan
+        y = layer(x)
+        assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
+        assert_layer_unchanged(layer, state)
 
 
 def check_layer_shapes_accepted():
-    layer = float_layer()
-    assert layer(np.ones((0, 4), np.float32)).shape == (0, 3)
-    assert layer(np.ones((2, 5, 4), np.float32)).shape == (2, 5, 3)
-    assert layer(np.ones(4, np.float32)).shape == (3,)
-    assert lorac.Linear(0, 3, r=2)(np.ones((2, 0), np.float32)).shape == (2, 3)
+    for layer in float_layers():
+        assert layer(np.ones((0, 4), np.float32)).shape == (0, 3)
+        assert layer(np.ones((2, 5, 4), np.float32)).shape == (2, 5, 3)
+        assert layer(np.ones(4, np.float32)).shape == (3,)
+        assert type(layer)(0, 3, r=2)(np.ones((2, 0), np.float32)).shape == (2, 3)
+    for empty in (lorac.Linear(0, 3, r=2), lorac.DoRALinear(0, 3, r=2), lorac.Linear(3, 0, r=2),
+                  lorac.MergedLinear(0, 4, r=1, enable_lora=[True, False]),
+                  lorac.MoLoRALinear(0, 3, r=2, num_experts=2)):   # 3-D with a zero-size feature axis
+        y = empty(np.ones((2, 5, empty.in_features), np.float32))
+        assert y.shape == (2, 5, empty.out_features)
+        assert empty.backward(np.ones_like(y)).shape == (2, 5, empty.in_features)
 
 
 def check_backward_without_forward():
-    layer = float_layer()
-    with pytest.raises(RuntimeError, match="without a preceding forward"):
+    for layer in float_layers():
+        with pytest.raises(RuntimeError, match="without a preceding forward"):
+            layer.backward(np.ones((2, 3), np.float32))
+        layer(X)
         layer.backward(np.ones((2, 3), np.float32))
-    layer(X)
-    layer.backward(np.ones((2, 3), np.float32))
-    state = layer_state(layer)
-    with pytest.raises(RuntimeError, match="twice"):
-        layer.backward(np.ones((2, 3), np.float32))
-    assert_layer_unchanged(layer, state)
-    layer(X)
-    layer.eval()  # merging between forward and backward invalidates the forward
-    with pytest.raises(RuntimeError):
-        layer.backward(np.ones((2, 3), np.float32))
+        state = layer_state(layer)
+        with pytest.raises(RuntimeError, match="twice"):
+            layer.backward(np.ones((2, 3), np.float32))
+        assert_layer_unchanged(layer, state)
+        layer(X)
+        layer.eval()  # merging between forward and backward invalidates the forward
+        with pytest.raises(RuntimeError):
+            layer.backward(np.ones((2, 3), np.float32))
 
 
 def check_backward_bad_grad():
-    layer = float_layer()
-    layer(X)
-    state = layer_state(layer)
-    for bad, exc in ((np.ones((2, 2), np.float32), ValueError), (np.ones((2, 3)), TypeError),
-                     ([["x"] * 3] * 2, TypeError)):
-        with pytest.raises(exc, match="Linear.backward: grad_output"):
-            layer.backward(bad)
-        assert_layer_unchanged(layer, state)
+    for layer in float_layers():
+        layer(X)
+        state = layer_state(layer)
+        for bad, exc in ((np.ones((2, 2), np.float32), ValueError), (np.ones((2, 3)), TypeError),
+                         ([["x"] * 3] * 2, TypeError)):
+            with pytest.raises(exc, match="Linear.backward: grad_output"):
+                layer.backward(bad)
+            assert_layer_unchanged(layer, state)
 
 
 def check_embedding_index_out_of_range():
@@ -524,18 +533,18 @@ def check_embedding_index_out_of_range():
 
 
 def check_load_state_dict_bad():
-    layer = float_layer()
-    state = layer_state(layer)
-    with pytest.raises(ValueError, match=r"state_dict\['weight'\]: size mismatch"):
-        layer.load_state_dict({"weight": np.ones((3, 5), np.float32)}, strict=False)
-    with pytest.raises(TypeError, match=r"state_dict\['weight'\]"):
-        layer.load_state_dict({"weight": np.array(["abc"] * 12).reshape(3, 4)}, strict=False)
-    with pytest.raises(KeyError, match="unexpected keys: 'nope'"):
-        layer.load_state_dict({"nope": np.ones(3)})
-    # all-or-nothing: a good key next to a bad one is not applied either
-    with pytest.raises(ValueError):
-        layer.load_state_dict({"bias": np.zeros(3, np.float32), "weight": np.ones((3, 5), np.float32)}, strict=False)
-    assert_layer_unchanged(layer, state)
+    for layer in float_layers():
+        state = layer_state(layer)
+        with pytest.raises(ValueError, match=r"state_dict\['weight'\]: size mismatch"):
+            layer.load_state_dict({"weight": np.ones((3, 5), np.float32)}, strict=False)
+        with pytest.raises(TypeError, match=r"state_dict\['weight'\]"):
+            layer.load_state_dict({"weight": np.array(["abc"] * 12).reshape(3, 4)}, strict=False)
+        with pytest.raises(KeyError, match="unexpected keys: 'nope'"):
+            layer.load_state_dict({"nope": np.ones(3)})
+        # all-or-nothing: a good key next to a bad one is not applied either
+        with pytest.raises(ValueError):
+            layer.load_state_dict({"bias": np.zeros(3, np.float32), "weight": np.ones((3, 5), np.float32)}, strict=False)
+        assert_layer_unchanged(layer, state)
 
 
 def check_bad_constructor_arguments():

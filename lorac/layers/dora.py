@@ -33,6 +33,7 @@ combinations, hot swaps and mixed batches are refused.
 import numpy as np
 
 from .. import _C
+from .._arrays import as_rows
 from ..module import Parameter
 from ._grads import grad_accumulators, forget_created
 from ._threading import layer_lock, locked, thread_state
@@ -97,7 +98,7 @@ class DoRALinear(Linear):
             if not self._dora_on():
                 return Linear.forward(self, x)
             out_shape = x.shape[:-1] + (self.out_features,)
-            x2 = x.reshape(-1, self.in_features)
+            x2 = as_rows(x)
             params = self._parameters
             w = params["weight"].data
             c64, inverse = self._magnitude_scale()
@@ -128,7 +129,7 @@ class DoRALinear(Linear):
             _, x2, u, mask, keep_scale, z, rest, off, c, inverse, out_shape, version = cache
             if version != self._adapter_version:
                 self._stale_branch()
-            g = self._checked_grad_output(grad_output, out_shape).reshape(-1, self.out_features)
+            g = as_rows(self._checked_grad_output(grad_output, out_shape))
             params = self._parameters
             weight, bias, magnitude = params["weight"], params["bias"], params["lora_magnitude_vector"]
             grads, created = grad_accumulators(weight, bias, params["lora_A"], params["lora_B"], magnitude)

@@ -4,7 +4,7 @@ import numpy as np
 
 from .. import _C
 from .. import init as _init
-from .._arrays import as_generator, float_dtype, non_negative_int
+from .._arrays import as_generator, as_rows, float_dtype, non_negative_int
 from ..module import Module, Parameter
 from ._threading import locked, store_cache
 from ._grads import GradBuffers
@@ -100,7 +100,7 @@ class Embedding(LoRALayer, Module):
         if type(g) is not np.ndarray or g.dtype != self.dtype or g.shape != expected:
             g = self._checked_grad_output(g, expected)
         params = self._parameters
-        g2 = g if g.ndim == 2 else g.reshape(-1, self.embedding_dim)
+        g2 = g if g.ndim == 2 else as_rows(g)
         if branch is None:  # the fast path's forward
             lora_a, lora_b = (params["lora_A"], params["lora_B"]) if lora_on else (None, None)
             grads = {"grad_weight": params["weight"], "grad_lora_A": lora_a, "grad_lora_B": lora_b}

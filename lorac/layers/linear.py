@@ -4,7 +4,7 @@ import numpy as np
 
 from .. import _C
 from .. import init as _init
-from .._arrays import as_generator, float_dtype, non_negative_int
+from .._arrays import as_generator, as_rows, float_dtype, non_negative_int
 from ..module import Module, Parameter
 from ._threading import layer_lock, thread_state
 from ._grads import GradBuffers, forget_created, grad_accumulators
@@ -95,7 +95,7 @@ class Linear(LoRALayer, Module):
             if len(shape) == 2 and shape[1] == d["in_features"]:
                 x2, out_shape = x, (shape[0], d["out_features"])
             else:  # (..., in_features); any other shape raises in _checked_input
-                x2 = (x if checked else self._checked_input(x)).reshape(-1, d["in_features"])
+                x2 = as_rows(x if checked else self._checked_input(x))
                 out_shape = shape[:-1] + (d["out_features"],)
             params = d["_parameters"]
             if d["_plain"]:  # loralib's state: "default" only (layers/adapters.py)
@@ -143,7 +143,7 @@ class Linear(LoRALayer, Module):
                 g = self._checked_grad_output(g, out_shape)
             params = d["_parameters"]
             weight = params["weight"]
-            g2 = g if len(out_shape) == 2 else g.reshape(-1, d["out_features"])
+            g2 = g if len(out_shape) == 2 else as_rows(g)
             if branch is None:  # the fast path's forward
                 lora_a, lora_b = (params["lora_A"], params["lora_B"]) if lora_on else (None, None)
                 grads, created = grad_accumulators(weight, params["bias"], lora_a, lora_b)

@@ -5,7 +5,7 @@ import numpy as np
 
 from .. import _C
 from .. import init as _init
-from .._arrays import as_generator, float_dtype, non_negative_int
+from .._arrays import as_generator, as_rows, float_dtype, non_negative_int
 from ..module import Module, Parameter
 from ._threading import locked, store_cache
 from ._grads import GradBuffers
@@ -91,7 +91,7 @@ class MergedLinear(LoRALayer, Module):
                 or x.shape[-1] != self.in_features:
             x = self._checked_input(x)
         params = self._parameters
-        x2 = x if x.ndim == 2 else x.reshape(-1, self.in_features)
+        x2 = x if x.ndim == 2 else as_rows(x)
         bias = params["bias"]
         bias = None if bias is None else bias.data
         lead_shape = x.shape[:-1]
@@ -135,7 +135,7 @@ class MergedLinear(LoRALayer, Module):
         expected = lead_shape + (self.out_features,)
         if type(g) is not np.ndarray or g.dtype != self.dtype or g.shape != expected:
             g = self._checked_grad_output(g, expected)
-        g2 = g if g.ndim == 2 else g.reshape(-1, self.out_features)
+        g2 = g if g.ndim == 2 else as_rows(g)
         params = self._parameters
         weight = params["weight"]
         if lora_on and branch is None:  # the fast path's forward

@@ -7,7 +7,7 @@ import numpy as np
 
 from .. import _C
 from .. import init
-from .._arrays import as_float_array, as_generator, check_last_dim, float_dtype, non_negative_int, \
+from .._arrays import as_float_array, as_generator, as_rows, check_last_dim, float_dtype, non_negative_int, \
     probability, real_number
 from ..module import Module, Parameter
 from ._threading import ThreadState, locked
@@ -97,7 +97,7 @@ class MoLoRALinear(ThreadState, Module):
             x = as_float_array(x, self.dtype, name)
             check_last_dim(x, self.in_features, name)
         params = self._parameters
-        x2 = x if x.ndim == 2 else x.reshape(-1, self.in_features)
+        x2 = x if x.ndim == 2 else as_rows(x)
         mask = None
         if self.training and self.lora_dropout:
             mask = (self.rng.random(x2.shape, dtype=np.float32) >= self.lora_dropout).view(np.uint8)
@@ -134,7 +134,7 @@ class MoLoRALinear(ThreadState, Module):
                  "grad_lora_B": params["lora_B"], "grad_lora_router": params["lora_router"]}
         with GradBuffers(grads) as buffers:
             dx = _C.molora_backward(
-                g.reshape(-1, self.out_features), cache.x, params["weight"].data, params["lora_A"].data,
+                as_rows(g), cache.x, params["weight"].data, params["lora_A"].data,
                 params["lora_B"].data, params["lora_router"].data, cache.u, cache.probs, cache.gates,
                 self.scaling, self._k(), cache.mask, cache.keep_scale, cache.aux, True, **buffers)
         self._cache = None
