@@ -9,6 +9,10 @@ lorac.get_num_threads()), medians of interleaved repeats:
                  embedding_dim = d, r = 16, N token indices
   MergedLinear   the fused q/k/v projection: in = d, out = 3 d,
                  enable_lora = [True, False, True], r = 16
+  DoRA           lorac.DoRALinear against PEFT's LoraConfig(use_dora=True)
+                 on a torch Linear, in = out = d, r = 16 (bias frozen in
+                 both, as PEFT freezes it; eval merges in both); no target,
+                 reported for the record
 
 at small (N = 1, d = 256) and large (N = 256, d = 4096) sizes, in three modes:
 
@@ -101,7 +105,29 @@ def make_merged_linear(n, d):
     return theirs, ours, dict(in_=d, out=3 * d), np.random.default_rng(0).standard_normal((n, d)), (n, 3 * d)
 
 
-LAYERS = {"Linear": make_linear, "Embedding": make_embedding, "MergedLinear": make_merged_linear}
+def make_dora(n, d):
+    import warnings
+
+    import peft
+    base = torch.nn.Sequential(torch.nn.Linear(d, d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.get_peft_model(base, peft.LoraConfig(target_modules=["0"], r=R, lora_alpha=ALPHA,
+                                                            use_dora=True))
+    ours = lorac.DoRALinear(d, d, r=R, lora_alpha=ALPHA, rng=0)
+    ours.bias.requires_grad = False
+    return wrapped.base_model.model[0], ours, dict(in_=d, out=d), np.random.default_rng(0).standard_normal((n, d)), \
+        (n, d)
+
+
+LAYERS = {"Linear": make_linear, "Embedding": make_embedding, "MergedLinear": make_merged_linear, "DoRA": make_dora}
+PEFT_NAMES = ((".default.weight", ""), (".default", ""), ("base_layer.", ""))  # PEFT key -> lorac key
+
+
+def lorac_key(torch_key):
+    for theirs, ours in PEFT_NAMES:
+        torch_key = torch_key.replace(theirs, ours)
+    return torch_key
 
 
 def twin(name, n, d):
@@ -112,7 +138,7 @@ def twin(name, n, d):
         for pname, p in theirs.named_parameters():
             if "lora_" in pname:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
-    ours.load_state_dict({k: v.numpy() for k, v in theirs.state_dict().items()})
+    ours.load_state_dict({lorac_key(k): v.numpy() for k, v in theirs.state_dict().items()})
     g = np.random.default_rng(1).standard_normal(out_shape).astype(np.float32)
     if name == "Embedding":
         x_ours, x_theirs = x.astype(np.int64), torch.from_numpy(x.astype(np.int64))
@@ -145,6 +171,8 @@ def bench_row(name, size, repeats, gap):
                              repeats, gap)
     theirs.eval()
     ours.eval()
+    if name == "DoRA":
+        theirs.merge()   # PEFT merges on request, not on eval()
     x_eval = x_t.detach()
 
     def torch_eval():
@@ -162,6 +190,8 @@ def bench_row(name, size, repeats, gap):
 def check_targets(rows):
     failures = []
     for row in rows:
+        if row["layer"] == "DoRA":
+            continue
         tag = f"{row['layer']} {row['size']} (N={row['N']}, in={row['in']}, out={row['out']})"
         limit = 0.5 if row["size"] == "small" else 0.9
         if row["train_ratio"] > limit:

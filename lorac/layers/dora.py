@@ -17,8 +17,9 @@ is computed as ``b + c * z + (1 - c) * ((x - x~) W0^T)`` with ``z = x W0^T
 only when dropout is on.  Rows with ||V|| = 0 get c = 0 (PEFT gives NaN).
 
 The row norms come from ``||W0_o||^2 + 2 s B_o . (W0 A^T)_o + s^2 B_o (A
-A^T) B_o^T`` in float64: one (r, in) x (in, out) product with W0, no (out,
-in) temporary.  ``lora_magnitude_vector`` starts at ||V||_row, so a new
+A^T) B_o^T``: one pass over W0 for its row norms (in the layer's dtype, as
+PEFT computes them), one (r, in) x (in, out) product with W0, the small
+terms in float64, no (out, in) temporary.  ``lora_magnitude_vector`` starts at ||V||_row, so a new
 layer computes what its base does.
 
 Merging (eval() with merge_weights) stores W = c * (W0 + s B A) row-wise
@@ -68,7 +69,7 @@ class DoRALinear(Linear):
         w = self._parameters["weight"].data if weight is None else weight
         a, b = self._parameters["lora_A"].data, self._parameters["lora_B"].data
         view = w.T if self.fan_in_fan_out else w
-        squares = np.einsum("oi,oi->o", view, view, dtype=np.float64)
+        squares = np.einsum("oi,oi->o", view, view).astype(np.float64)   # in the layer's dtype: 6x faster
         wa_t = _C.linear_forward(a, w, None, None, None, 0.0, self.fan_in_fan_out)[0]   # (r, out) = A W0^T
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
         gram = _C.linear_forward(a64, a64, None, None, None, 0.0, False)[0]             # (r, r) = A A^T
