@@ -11,6 +11,7 @@ import pytest
 
 import lorac
 from fidelity import assert_matches, torch
+from reference import central_difference
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.torch
@@ -94,19 +95,6 @@ def dora_reference(x, w, bias, a, b, m, s, keep, norms):
     return bias + x @ w.T + (c - 1) * (dropped @ w.T) + c * (s * (dropped @ a.T) @ b.T)
 
 
-def central_difference(f, array, eps=1e-6):
-    grad = np.zeros_like(array)
-    for i in np.ndindex(array.shape):
-        old = array[i]
-        array[i] = old + eps
-        up = f()
-        array[i] = old - eps
-        down = f()
-        array[i] = old
-        grad[i] = (up - down) / (2 * eps)
-    return grad
-
-
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.4])
 def test_dropout_and_layout_against_a_reference_and_finite_differences(fan_in_fan_out, dropout, monkeypatch):
@@ -131,7 +119,7 @@ def test_dropout_and_layout_against_a_reference_and_finite_differences(fan_in_fa
                                                  params["lora_magnitude_vector"], layer.scaling, keep, norms),
                                rtol=1e-12, atol=1e-12)
     dx = layer.backward(g)
-    np.testing.assert_allclose(dx, central_difference(lambda: loss(), x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dx, central_difference(loss, x), rtol=1e-6, atol=1e-7)
     for name, value in params.items():
         np.testing.assert_allclose(getattr(layer, name).grad, central_difference(loss, value), rtol=1e-6,
                                    atol=1e-7, err_msg=name)
