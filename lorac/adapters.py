@@ -108,12 +108,12 @@ def add_adapter(model, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False
     if name == DEFAULT:
         raise ValueError(f"add_adapter: {DEFAULT!r} is the layers' constructor adapter; use another name "
                          "(or lorac.inject_lora for plain layers)")
-    from .peft.select import compile_matcher, compile_selector, per_layer_settings
+    from .peft.select import compile_exclusion, compile_selector, per_layer_settings
     layers = adapter_layers(model)
     if target_modules is None:
         if layers_to_transform is not None or layers_pattern:
             raise ValueError("add_adapter: layers_to_transform / layers_pattern need target_modules")
-        excluded = compile_matcher(exclude_modules, "exclude_modules") if exclude_modules else (lambda p: False)
+        excluded = compile_exclusion(exclude_modules)
         chosen = [(p, m) for p, m in layers if m.adapter_names and not excluded(p)]
         if not chosen:
             after = "" if exclude_modules is None else " (after exclude_modules)"

@@ -75,6 +75,16 @@ class LayerAdapter:
         """True when the base weight is stored (in, out): fan_in_fan_out or an embedding."""
         return self.kind == "embedding" or bool(self.fan_in_fan_out)
 
+    def attach_magnitude(self, value, key, source):
+        """Take ``value`` as this layer's DoRA magnitude vector: 1-D float, one
+        entry per output (AdapterError naming ``key`` otherwise)."""
+        value = np.asarray(value)
+        out = self.out_features
+        if value.ndim != 1 or value.dtype.kind != "f" or value.shape[0] != out:
+            raise AdapterError(f"{source}: {key!r} must be a 1-D float tensor of the layer's {out} outputs, "
+                               f"found shape {value.shape} dtype {value.dtype}")
+        self.magnitude = value
+
     def num_parameters(self):
         return int(self.lora_A.size + self.lora_B.size + (0 if self.magnitude is None else self.magnitude.size))
 
@@ -234,9 +244,5 @@ def from_lorac_state(state, metadata=None, source="state dict", lora_alpha=None,
     for path, layer in adapter.layers.items():   # DoRA: <path>.lora_magnitude_vector (out,)
         key = lorac_key(path, "lora_magnitude_vector")
         if key in adapter.extra:
-            value = np.asarray(adapter.extra.pop(key))
-            if value.ndim != 1 or value.shape[0] != layer.out_features:
-                raise AdapterError(f"{source}: {key!r} must have shape ({layer.out_features},), the layer's "
-                                   f"outputs; found {value.shape}")
-            layer.magnitude = value
+            layer.attach_magnitude(adapter.extra.pop(key), key, source)
     return adapter

@@ -157,11 +157,10 @@ def _attach_magnitudes(adapter, magnitudes, config, source):
         if layer.kind == "embedding":
             raise PeftFolderError(f"{source}: {key!r}: DoRA on an Embedding layer; lorac implements DoRA for "
                                   "Linear layers (lorac.DoRALinear)")
-        out = layer.out_features
-        if value.ndim != 1 or value.dtype.kind != "f" or value.shape[0] != out:
-            raise PeftFolderError(f"{source}: {key!r} must be a 1-D float tensor of the layer's {out} outputs, "
-                                  f"found shape {value.shape} dtype {value.dtype}")
-        layer.magnitude = value
+        try:
+            layer.attach_magnitude(value, key, source)
+        except AdapterError as exc:
+            raise PeftFolderError(str(exc)) from None
     if config.use_dora:
         lacking = [p for p, layer in adapter.layers.items() if layer.magnitude is None]
         if lacking:

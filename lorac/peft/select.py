@@ -49,10 +49,15 @@ def compile_matcher(target_modules, name="target_modules"):
     return lambda path: path in exact or path.endswith(suffixes)
 
 
+def compile_exclusion(exclude_modules):
+    """PEFT's exclude_modules rule as a predicate on module paths (None or empty: nothing is excluded)."""
+    return compile_matcher(exclude_modules, "exclude_modules") if exclude_modules else (lambda path: False)
+
+
 def compile_selector(target_modules, exclude_modules=None, layers_to_transform=None, layers_pattern=None):
     """The predicate path -> gets an adapter, from PEFT's four fields (module docstring)."""
     is_target = compile_matcher(target_modules)
-    is_excluded = compile_matcher(exclude_modules, "exclude_modules") if exclude_modules else (lambda path: False)
+    is_excluded = compile_exclusion(exclude_modules)
     if isinstance(target_modules, str) and (layers_to_transform is not None or layers_pattern is not None):
         raise ValueError("layers_to_transform / layers_pattern need target_modules as a list of names; with a "
                          "regex, select the layers in the regex (PEFT refuses the combination too)")

@@ -314,3 +314,26 @@ def test_dora_adapters_that_cannot_be_expressed_are_refused(tmp_path):
     assert not (tmp_path / "mixed").exists()
     with pytest.raises(TypeError, match="use_dora must be a bool"):
         lorac.inject_lora(decoder_twins()[0], ["q_proj"], r=2, use_dora=1)
+
+
+@pytest.mark.parametrize("bad", [np.ones(4, np.float32), np.ones((8, 1), np.float32), np.ones(8, np.int64)],
+                         ids=["length", "2-D", "int"])
+def test_a_bad_magnitude_vector_is_refused_in_folders_and_files(tmp_path, bad):
+    from lorac.peft.adapter import AdapterError, from_lorac_state
+    from lorac.peft.folder import PeftFolderError
+
+    model = lorac.inject_lora(lorac.Sequential(lorac.Linear(6, 8, rng=0)), ["0"], r=2, use_dora=True)
+    lorac.save_peft_adapter(model, tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = lorac.load(weights)
+    tensors["base_model.model.0.lora_magnitude_vector"] = bad
+    lorac.save(tensors, weights)
+    fresh = lorac.Sequential(lorac.Linear(6, 8, rng=0))
+    with pytest.raises(PeftFolderError, match=r"'base_model.model.0.lora_magnitude_vector' must be a 1-D float "
+                                              r"tensor of the layer's 8 outputs"):
+        lorac.load_peft_adapter(fresh, tmp_path / "a")
+    assert fresh[0].r == 0
+    state = {k: v for k, v in lorac.lora_state_dict(model).items()}
+    state["0.lora_magnitude_vector"] = bad
+    with pytest.raises(AdapterError, match=r"'0.lora_magnitude_vector' must be a 1-D float tensor"):
+        from_lorac_state(state, lora_alpha=1)
