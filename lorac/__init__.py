@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 from .config import blas_info, get_num_threads, set_num_threads, show_config
 from .module import IncompatibleKeys, Module, Parameter, StateDictKeyError
 from .containers import ModuleDict, ModuleList, Sequential
-from .layers import (GELU, DoRALinear, Dropout, Embedding, LayerNorm, Linear, LoRALayer, MergedLinear,
+from .layers import (GELU, DoRAEmbedding, DoRALinear, Dropout, Embedding, LayerNorm, Linear, LoRALayer, MergedLinear,
                      MoLoRALinear, ReLU, Tanh)
 from .losses import CrossEntropyLoss, MSELoss
 from . import functional, nn, optim
@@ -38,7 +38,7 @@ __all__ = [
     "__version__",
     "blas_info", "get_num_threads", "set_num_threads", "show_config",
     "Module", "Parameter", "IncompatibleKeys", "StateDictKeyError", "Sequential", "ModuleList", "ModuleDict",
-    "LoRALayer", "Linear", "DoRALinear", "Embedding", "MergedLinear", "MoLoRALinear",
+    "LoRALayer", "Linear", "DoRALinear", "Embedding", "DoRAEmbedding", "MergedLinear", "MoLoRALinear",
     "ReLU", "GELU", "Tanh", "Dropout", "LayerNorm", "CrossEntropyLoss", "MSELoss",
     "functional", "nn", "optim",
     "mark_only_lora_as_trainable", "lora_state_dict", "count_parameters", "get_nb_trainable_parameters",

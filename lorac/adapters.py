@@ -52,7 +52,7 @@ COMBINATIONS = ("cat", "linear", "svd")
 # -- finding layers ------------------------------------------------------------
 def _refuse_dora(layer, path, func, what):
     if layer.use_dora:
-        raise ValueError(f"{func}: layer {path!r} is a DoRALinear, which holds one adapter; {what} is for "
+        raise ValueError(f"{func}: layer {path!r} is a {type(layer).__name__}, which holds one adapter; {what} is for "
                          "plain LoRA layers")
 
 

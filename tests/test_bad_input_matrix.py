@@ -468,8 +468,9 @@ def check_layer_wrong_dtype():
         for bad in (np.ones((2, 4)), np.ones((2, 4), np.int64), np.ones((2, 4), np.complex64), [["a"] * 4]):
             with pytest.raises(TypeError, match="Linear.forward: input"):
                 layer(bad)
+    for cls in (lorac.Embedding, lorac.DoRAEmbedding):
         with pytest.raises(TypeError, match="Embedding.forward: indices"):
-            lorac.Embedding(5, 3, r=2)(np.array([0.5]))
+            cls(5, 3, r=2)(np.array([0.5]))
 
 
 def check_layer_nan_input():
@@ -524,12 +525,35 @@ def check_backward_bad_grad():
 
 
 def check_embedding_index_out_of_range():
-    emb = lorac.Embedding(5, 3, r=2)
-    state = layer_state(emb)
-    for bad in (np.array([0, 5]), np.array([-1]), np.array([[1], [9]])):
-        with pytest.raises(IndexError, match=r"'indices' must lie in \[0, 5\)"):
-            emb(bad)
-    assert_layer_unchanged(emb, state)
+    for emb in (lorac.Embedding(5, 3, r=2), lorac.DoRAEmbedding(5, 3, r=2)):
+        state = layer_state(emb)
+        for bad in (np.array([0, 5]), np.array([-1]), np.array([[1], [9]])):
+            with pytest.raises(IndexError, match=r"'indices' must lie in \[0, 5\)"):
+                emb(bad)
+        assert_layer_unchanged(emb, state)
+
+
+def check_embedding_backward_misuse():
+    idx, g = np.array([[0, 4], [2, 2]]), np.ones((2, 2, 3), np.float32)
+    for emb in (lorac.Embedding(5, 3, r=2), lorac.DoRAEmbedding(5, 3, r=2)):
+        with pytest.raises(RuntimeError, match="without a preceding forward"):
+            emb.backward(g)
+        emb(idx)
+        state = layer_state(emb)
+        with pytest.raises(ValueError, match=r"Embedding.backward: grad_output must have shape \(2, 2, 3\)"):
+            emb.backward(g[0])
+        with pytest.raises(TypeError, match="Embedding.backward: grad_output"):
+            emb.backward(g.astype(np.complex64))
+        assert_layer_unchanged(emb, state)
+        emb.backward(g)
+        with pytest.raises(RuntimeError, match="twice"):
+            emb.backward(g)
+        emb(idx)
+        emb.eval()  # merging between forward and backward invalidates the forward
+        state = layer_state(emb)
+        with pytest.raises(RuntimeError):
+            emb.backward(g)
+        assert_layer_unchanged(emb, state)
 
 
 def check_load_state_dict_bad():
@@ -752,6 +776,8 @@ ROWS = [
         "grad_output; no gradient changed or allocated", check_backward_bad_grad),
     Row("layers", "Embedding indices out of range", "IndexError naming the range; layer unchanged",
         check_embedding_index_out_of_range),
+    Row("layers", "Embedding / DoRAEmbedding backward before forward, twice, after merging, bad grad_output",
+        "RuntimeError / ValueError / TypeError; layer unchanged", check_embedding_backward_misuse),
     Row("layers", "load_state_dict with a wrong shape, a non-numeric array, unexpected keys",
         "ValueError / TypeError / StateDictKeyError (a KeyError); all-or-nothing: layer unchanged",
         check_load_state_dict_bad),

@@ -21,7 +21,7 @@ __all__ = ["Module", "Parameter", "Sequential", "ModuleList", "ModuleDict", "LoR
 # Layers other issues add to lorac.layers, exported when present.
 from .. import layers as _layers  # noqa: E402
 
-for _name in ("DoRALinear", "Embedding", "MergedLinear", "Conv1d", "Conv2d", "Conv3d"):
+for _name in ("DoRALinear", "Embedding", "DoRAEmbedding", "MergedLinear", "Conv1d", "Conv2d", "Conv3d"):
     if hasattr(_layers, _name):
         globals()[_name] = getattr(_layers, _name)
         __all__.append(_name)

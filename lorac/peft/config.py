@@ -9,8 +9,8 @@ Reading (``parse_config``) follows PEFT's LoraConfig field by field:
   ``(.*\\.)?(<key>)$``, first key in file order wins), ``fan_in_fan_out``,
   ``lora_dropout`` (given to rebuilt layers), ``bias`` and ``modules_to_save``
   (their tensors, when present, are loaded into the model's parameters).
-- ``use_dora``: DoRA; its Linear layers load as ``lorac.DoRALinear`` (an
-  Embedding DoRA adapter is refused when the tensors are read).
+- ``use_dora``: DoRA; its layers load as ``lorac.DoRALinear`` /
+  ``lorac.DoRAEmbedding``.
 - Refused with PeftConfigError naming the field: ``lora_bias``,
   ``use_qalora``, ``alora_invocation_tokens``, ``use_bdlora``,
   ``arrow_config``, ``kasa_config``, ``monteclora_config``,

@@ -145,7 +145,8 @@ def read_peft_folder(path, adapter_name=None):
 
 def _attach_magnitudes(adapter, magnitudes, config, source):
     """Give each DoRA layer its magnitude vector: with use_dora, every adapted
-    Linear needs one (out,) float vector; without, there must be none."""
+    layer needs one (out,) float vector (an Embedding's out: embedding_dim);
+    without, there must be none."""
     if magnitudes and not config.use_dora:
         key = next(iter(magnitudes.values()))[0]
         raise PeftFolderError(f"{source}: {key!r} is a DoRA magnitude vector but adapter_config.json does not "
@@ -154,9 +155,6 @@ def _attach_magnitudes(adapter, magnitudes, config, source):
         layer = adapter.layers.get(path)
         if layer is None:
             raise PeftFolderError(f"{source}: {key!r} has no lora_A / lora_B of its layer {path!r}")
-        if layer.kind == "embedding":
-            raise PeftFolderError(f"{source}: {key!r}: DoRA on an Embedding layer; lorac implements DoRA for "
-                                  "Linear layers (lorac.DoRALinear)")
         try:
             layer.attach_magnitude(value, key, source)
         except AdapterError as exc:
@@ -164,10 +162,8 @@ def _attach_magnitudes(adapter, magnitudes, config, source):
     if config.use_dora:
         lacking = [p for p, layer in adapter.layers.items() if layer.magnitude is None]
         if lacking:
-            embedding = adapter.layers[lacking[0]].kind == "embedding"
             raise PeftFolderError(f"{source}: use_dora is set but layer {lacking[0]!r} has no "
-                                  "lora_magnitude_vector" + ("; lorac implements DoRA for Linear layers only"
-                                                             if embedding else ""))
+                                  "lora_magnitude_vector")
 
 
 def write_peft_folder(adapter, path, base_model_name_or_path=None, bias="none", modules_to_save=None,

@@ -48,9 +48,9 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
         (default), 'gaussian' (std 0.01 unless init_std; PEFT's is 1 / r),
         'zeros_A', 'pissa' / 'pissa_niter_N' (the base weight becomes the
         residual), or PEFT's True / False.
-    use_dora: make the Linear layers ``lorac.DoRALinear`` (DoRA, PEFT's
-        use_dora), their magnitudes starting at the row norms so the outputs
-        do not change; an Embedding target is then refused.
+    use_dora: make the layers ``lorac.DoRALinear`` / ``lorac.DoRAEmbedding``
+        (DoRA, PEFT's use_dora), their magnitudes starting at the row norms
+        so the outputs do not change.
 
     Raises ValueError if nothing matches, if a matching module is of another
     kind (names it and its type) or already has an adapter, or for a bad
@@ -83,9 +83,6 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
                              "lorac.Linear and lorac.Embedding layers can be given a LoRA adapter")
         if module.r > 0:
             raise ValueError(f"{func}: {path!r} already has a LoRA adapter (r={module.r})")
-        if use_dora and layer_kind(module) == "embedding":
-            raise ValueError(f"{func}: use_dora: {path!r} is an Embedding; lorac implements DoRA for Linear "
-                             "layers (exclude it, or inject it separately without use_dora)")
         chosen.append((path, module))
     if not chosen:
         adaptable = [p for p, m in modules.items() if p and layer_kind(m) is not None]

@@ -31,8 +31,8 @@ def load_peft_adapter(model, path, adapter_name=None, strict=True):
     "lora_only", modules_to_save) are loaded into the model too.  The loaded
     adapters are trainable (lora_A / lora_B requires_grad), the base weights
     frozen, as in any lorac LoRA layer; train/eval mode is kept.  A DoRA
-    adapter (use_dora) makes its Linear layers ``lorac.DoRALinear`` holding
-    the file's magnitude vectors.
+    adapter (use_dora) makes its layers ``lorac.DoRALinear`` /
+    ``lorac.DoRAEmbedding`` holding the file's magnitude vectors.
 
     Everything -- config fields (lora_bias, other peft_types, ... are
     refused with an error naming them), keys, layer kinds, shapes and dtypes

@@ -15,12 +15,12 @@ initialisation, O(r (in + out)); the base weight is never redrawn.
 import numpy as np
 
 from .._arrays import as_generator
-from ..layers import DoRALinear, Embedding, Linear
+from ..layers import DoRAEmbedding, DoRALinear, Embedding, Linear
 from ..layers._lora_init import check_init
 from ..layers._threading import forget_thread_state
 from ..module import Parameter
 
-KIND_OF_CLASS = {Linear: "linear", DoRALinear: "linear", Embedding: "embedding"}
+KIND_OF_CLASS = {Linear: "linear", DoRALinear: "linear", Embedding: "embedding", DoRAEmbedding: "embedding"}
 
 
 def layer_kind(module):
@@ -30,7 +30,7 @@ def layer_kind(module):
 
 def layer_dims(module):
     """(in, out) of the adapter shapes: lora_A (r, in), lora_B (out, r)."""
-    if type(module) is Embedding:
+    if layer_kind(module) == "embedding":
         return module.num_embeddings, module.embedding_dim
     return module.in_features, module.out_features
 
@@ -50,9 +50,9 @@ def parent_of(modules, path):
 def build_layer(old, r, lora_alpha, use_rslora, lora_dropout, rng, init=None, use_dora=False):
     """(new layer, new base weight or None): a layer like ``old`` (same kind,
     sizes, layout, dtype, merge_weights, mode) with a fresh rank-r adapter --
-    a DoRALinear with ``use_dora`` (its magnitude the row norms of the new
-    base weight plus s B A, so the output is unchanged), else a Linear or an
-    Embedding; ``old`` is not touched.
+    a DoRALinear / DoRAEmbedding with ``use_dora`` (its magnitude the row
+    norms of the new base weight plus s B A, so the output is unchanged),
+    else a Linear or an Embedding; ``old`` is not touched.
 
     The new layer is a clone of ``old``'s instance state (not a constructor
     call, which would draw a base weight only to throw it away: O(in * out)
@@ -66,7 +66,8 @@ def build_layer(old, r, lora_alpha, use_rslora, lora_dropout, rng, init=None, us
     write, None otherwise.
     """
     kind = layer_kind(old)
-    cls = Embedding if kind == "embedding" else DoRALinear if use_dora else Linear
+    cls = {("embedding", False): Embedding, ("embedding", True): DoRAEmbedding,
+           ("linear", False): Linear, ("linear", True): DoRALinear}[kind, bool(use_dora)]
     new = old._copy_sharing_contents(((k, v) for k, v in old._parameters.items() if not k.startswith("lora_")),
                                      cls)
     forget_thread_state(new)
