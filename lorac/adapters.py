@@ -36,7 +36,7 @@ import numpy as np
 from . import checkpoint
 from ._arrays import as_generator, non_negative_int, probability, real_number
 from .layers.adapters import BASE, DEFAULT, AdapterConfig, check_new_name, mixed_batch, names_list
-from .layers._lora_init import check_init
+from .layers._lora_init import BASE_CHANGING, check_init
 from .layers._threading import forget_thread_state
 from .layers.base import LoRALayer
 from .module import IncompatibleKeys, Module, StateDictKeyError
@@ -131,8 +131,8 @@ def add_adapter(model, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False
         _refuse_dora(layer, path, "add_adapter", "adding a named adapter")
         if name in layer.adapter_names:
             raise ValueError(f"add_adapter: layer {path!r} already has an adapter {name!r}")
-        if spec.name == "pissa":
-            layer._check_pissa_allowed(f"add_adapter: layer {path!r}", others=layer.adapter_names)
+        if spec.name in BASE_CHANGING:
+            layer._check_base_change_allowed(spec, f"add_adapter: layer {path!r}", others=layer.adapter_names)
     gen = as_generator(rng) if rng is not None else None
     for (_, layer), (layer_r, layer_alpha) in zip(chosen, settings):
         dropout = 0.0 if layer._adapter_geometry()[3] == "embedding" else lora_dropout

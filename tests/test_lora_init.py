@@ -1,4 +1,5 @@
-"""lorac.layers._lora_init: how an adapter starts ('kaiming', 'gaussian', 'zeros_A', 'pissa')."""
+"""lorac.layers._lora_init: how an adapter starts ('kaiming', 'gaussian', 'zeros_A', 'pissa', 'olora',
+'orthogonal')."""
 
 import math
 
@@ -33,11 +34,12 @@ def decaying(out, inp, rng, decay=0.7):
 
 # -- shapes and the loralib defaults ------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("init", ["kaiming", "gaussian", "zeros_A", "pissa", "pissa_niter_2", True, False])
+@pytest.mark.parametrize("init", ["kaiming", "gaussian", "zeros_A", "pissa", "pissa_niter_2", "olora", "orthogonal",
+                                  True, False])
 def test_shapes_and_dtypes(init, dtype, rng):
     w = rng.standard_normal((5, 7))
-    lin = linear_init(init, 7, 5, 3, weight=w, rng=1, dtype=dtype)
-    assert lin.lora_A.shape == (3, 7) and lin.lora_B.shape == (5, 3)
+    lin = linear_init(init, 7, 5, 4, weight=w, rng=1, dtype=dtype)
+    assert lin.lora_A.shape == (4, 7) and lin.lora_B.shape == (5, 4)
     emb = embedding_init(init, 11, 4, 2, weight=rng.standard_normal((11, 4)), rng=1, dtype=dtype)
     assert emb.lora_A.shape == (2, 11) and emb.lora_B.shape == (4, 2)
     mer = merged_linear_init(init, 6, 9, 2, [True, False, True], weight=rng.standard_normal((9, 6)), rng=1,
@@ -47,9 +49,9 @@ def test_shapes_and_dtypes(init, dtype, rng):
         assert isinstance(result, AdapterInit)
         assert result.lora_A.dtype == dtype and result.lora_B.dtype == dtype
         assert result.lora_A.flags.c_contiguous and result.lora_B.flags.c_contiguous
-        is_pissa = init in ("pissa", "pissa_niter_2")
-        assert (result.weight is not None) == is_pissa
-    if init in ("pissa", "pissa_niter_2"):
+        changes_base = init in ("pissa", "pissa_niter_2", "olora")
+        assert (result.weight is not None) == changes_base
+    if init in ("pissa", "pissa_niter_2", "olora"):
         assert lin.weight.shape == (5, 7) and emb.weight.shape == (11, 4) and mer.weight.shape == (9, 6)
         assert lin.weight.dtype == dtype
 
@@ -268,6 +270,82 @@ def test_pissa_of_an_empty_or_zero_weight():
     assert not res.weight.any() and not (res.lora_B @ res.lora_A).any()
 
 
+# -- OLoRA and PEFT's 'orthogonal' ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("out, inp, r", [(1, 1, 1), (5, 7, 2), (7, 5, 3), (3, 20, 3), (9, 4, 6)])
+def test_olora_is_the_thin_qr_and_the_residual_keeps_w0(out, inp, r, fan_in_fan_out, dtype, rng):
+    w0 = rng.standard_normal((inp, out) if fan_in_fan_out else (out, inp)).astype(dtype)
+    before = w0.copy()
+    scaling = -1.5   # any finite scaling: the residual absorbs it
+    res = linear_init("olora", inp, out, r, fan_in_fan_out=fan_in_fan_out, weight=w0, scaling=scaling,
+                      dtype=dtype, rng=0)
+    np.testing.assert_array_equal(w0, before)
+    assert res.weight.shape == w0.shape and res.weight.dtype == dtype
+    np.testing.assert_allclose(res.weight + linear_delta(res, scaling, fan_in_fan_out), w0,
+                               atol=tol(dtype) * float(np.abs(w0).max()))
+    q, upper = np.linalg.qr((w0.T if fan_in_fan_out else w0).astype(np.float64))
+    k = min(r, out, inp)
+    atol = 1e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(res.lora_B[:, :k], q[:, :k], atol=atol)           # B = Q_r: orthonormal columns
+    np.testing.assert_allclose(res.lora_A[:k], upper[:k], atol=atol * 10)         # A = R_r: upper triangular
+    if r > k:   # the extra directions start as 'kaiming' ones: A random, B = 0
+        assert not res.lora_B[:, k:].any() and np.all(np.abs(res.lora_A[k:]).max(axis=1) > 0)
+
+
+def test_olora_on_merged_linear_and_embedding_blocks(rng):
+    inp, og, r, scaling, flags = 8, 5, 2, 0.5, [False, True, True]
+    w0 = rng.standard_normal((3 * og, inp))
+    res = merged_linear_init("olora", inp, 3 * og, r, flags, weight=w0, scaling=scaling, dtype=np.float64)
+    np.testing.assert_array_equal(res.weight[:og], w0[:og])                      # the disabled block: untouched
+    for e, g in enumerate([1, 2]):
+        block = w0[g * og:(g + 1) * og]
+        b, a = res.lora_B[e * og:(e + 1) * og], res.lora_A[e * r:(e + 1) * r]
+        np.testing.assert_allclose(b, np.linalg.qr(block)[0][:, :r], atol=1e-13)
+        np.testing.assert_allclose(res.weight[g * og:(g + 1) * og] + scaling * b @ a, block, atol=1e-13)
+    w_emb = rng.standard_normal((10, 4))                                          # (num, dim): the view is w^T
+    emb = embedding_init("olora", 10, 4, 2, weight=w_emb, scaling=2.0, dtype=np.float64)
+    np.testing.assert_allclose(emb.lora_B, np.linalg.qr(w_emb.T)[0][:, :2], atol=1e-13)
+    np.testing.assert_allclose(emb.weight + 2.0 * (emb.lora_B @ emb.lora_A).T, w_emb, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_orthogonal_starts_as_a_no_op_with_both_factors_random(dtype):
+    lin = linear_init("orthogonal", 30, 20, 8, rng=0, dtype=dtype)
+    a, b = lin.lora_A.astype(np.float64), lin.lora_B.astype(np.float64)
+    assert np.abs(b @ a).max() < (1e-7 if dtype == np.float32 else 1e-15)
+    # PEFT's scale: entries of (G Q_odd)^T / 10 with orthonormal Q rows have variance 1 / 200 on average
+    assert 0.04 < a.std() < 0.1 and 0.04 < b.std() < 0.1
+    assert np.linalg.matrix_rank(a, tol=1e-5) == 4 == np.linalg.matrix_rank(b, tol=1e-5)   # r / 2 directions each
+    mer = merged_linear_init("orthogonal", 6, 9, 2, [True, False, True], rng=1, dtype=dtype)
+    for e in range(2):   # each group its own draw, each a no-op
+        block = mer.lora_B[e * 3:(e + 1) * 3].astype(np.float64) @ mer.lora_A[e * 2:(e + 1) * 2].astype(np.float64)
+        assert np.abs(block).max() < 1e-6
+    assert not np.allclose(mer.lora_A[:2], mer.lora_A[2:])
+    emb = embedding_init("orthogonal", 11, 4, 2, rng=2, dtype=dtype)
+    assert emb.lora_A.shape == (2, 11) and np.abs(emb.lora_B @ emb.lora_A).max() < 1e-6
+    again = linear_init("orthogonal", 30, 20, 8, rng=0, dtype=dtype)
+    np.testing.assert_array_equal(again.lora_A, lin.lora_A)
+
+
+def test_olora_and_orthogonal_through_the_layers(rng):
+    x = rng.standard_normal((3, 10))
+    layer = lorac.Linear(10, 6, r=2, lora_alpha=3, dtype=np.float64, rng=0)
+    before = layer(x)
+    layer.reset_adapter(init="olora")
+    assert np.abs(layer.lora_B.data).max() > 0.1 and np.abs(layer.lora_A.data).max() > 0.1
+    np.testing.assert_allclose(layer(x), before, atol=1e-12)
+    layer.add_adapter("other", 2)
+    with pytest.raises(ValueError, match="init='olora' replaces the shared base weight"):
+        layer.reset_adapter(init="olora")
+    fresh = lorac.Linear(10, 6, r=4, init="orthogonal", dtype=np.float64, rng=0)
+    base = x @ fresh.weight.data.T + fresh.bias.data
+    np.testing.assert_allclose(fresh(x), base, atol=1e-15)
+    assert np.abs(fresh.lora_B.data).max() > 0
+    with pytest.raises(ValueError, match="init='orthogonal' needs an even r"):
+        lorac.Linear(10, 6, r=3, init="orthogonal")
+
+
 # -- bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(init="xavier"), ValueError, "Linear: init must be one of 'kaiming', 'gaussian', 'zeros_A', 'pissa'"),
@@ -287,6 +365,10 @@ def test_pissa_of_an_empty_or_zero_weight():
     (dict(init="pissa", weight=np.full((4, 5), np.nan)), ValueError, "weight must hold finite values"),
     (dict(init="pissa", weight=np.zeros((4, 5), complex)), TypeError, "weight must be a 2-D array of real"),
     (dict(init="pissa", weight=np.zeros((4, 5)), scaling=0.0), ValueError, "needs scaling = lora_alpha / r > 0"),
+    (dict(init="olora"), ValueError, "init='olora' needs the base weight"),
+    (dict(init="olora", weight=np.zeros((5, 4))), ValueError, "init='olora': weight must have shape (4, 5)"),
+    (dict(init="olora", weight=np.zeros((4, 5)), scaling=float("inf")), ValueError, "needs a finite scaling"),
+    (dict(init="orthogonal", std=0.1), ValueError, "std applies to"),
     (dict(init="kaiming", dtype=np.int32), TypeError, "dtype must be float32 or float64"),
     (dict(init="kaiming", rng="seed"), TypeError, "rng must be None, an int seed"),
 ])

@@ -42,6 +42,18 @@ Initialisations (``init``):
 - ``'pissa_niter_N'``: PiSSA with the randomized SVD and N power
   iterations (PEFT's name), for large weights.  ``lorac.lowrank.approx``
   documents its accuracy.
+- ``'olora'`` (OLoRA, Buyukakyuz 2024; PEFT's ``'olora'``): the thin QR
+  factorisation W0 = Q R of each adapted block gives B = Q[:, :r] and
+  A = R[:r], and the base weight becomes the residual ``W0 - scaling * B
+  A``, as with PiSSA (any finite scaling: the output does not change).
+  The QR runs in float64.  Extra directions beyond min(group_out, fan_in)
+  start as 'kaiming' ones.
+- ``'orthogonal'`` (PEFT's ``'orthogonal'``; r even): Q from the QR of an
+  (r, r) N(0, 1) draw; A = (G_A Q[0::2])^T / 10 and B = G_B^T Q[1::2] / 10
+  with G_A (fan_in, r / 2), G_B (r / 2, group_out) N(0, 1).  The rows of
+  Q[0::2] and Q[1::2] are orthogonal, so B A = 0: both factors start
+  non-zero and the adapter still starts as a no-op (up to rounding to the
+  layer's dtype).  Each group draws its own.
 - ``True`` / ``False``: PEFT's ``init_lora_weights``.  True means
   'kaiming'.  False makes both factors random, a non-trivial adapter for
   tests: A and B kaiming-uniform (Embedding: both N(0, 1)).
@@ -59,7 +71,8 @@ import numpy as np
 from .. import init as _init
 from .._arrays import as_generator, float_dtype, non_negative_int
 
-INITS = ("kaiming", "gaussian", "zeros_A", "pissa")
+INITS = ("kaiming", "gaussian", "zeros_A", "pissa", "olora", "orthogonal")
+BASE_CHANGING = ("pissa", "olora")   # inits that factor the base weight and replace it by the residual
 DEFAULT_STD = {"gaussian": 0.01, "zeros_A": 1.0}
 KINDS = ("linear", "embedding")
 _PISSA_NITER = re.compile(r"pissa_niter_([0-9]+)\Z")
@@ -80,7 +93,8 @@ def check_init(init, std=None, func="init"):
 
     An InitSpec (already checked) passes through when std is None.  TypeError
     for a wrong type, ValueError for an unknown name or a bad std."""
-    choices = "'kaiming', 'gaussian', 'zeros_A', 'pissa', 'pissa_niter_N' (or PEFT's True / False)"
+    choices = ("'kaiming', 'gaussian', 'zeros_A', 'pissa', 'pissa_niter_N', 'olora', 'orthogonal' "
+               "(or PEFT's True / False)")
     niter = None
     if isinstance(init, InitSpec) and std is None:
         return init
@@ -118,10 +132,10 @@ def init_adapter(init, r, fan_in, group_out, *, kind="linear", block_starts=(0,)
     block_starts: for each adapted group, the first output row of its block
     in the weight's (out, in) view.  There are len(block_starts) groups.
     out_features is the weight's number of output rows, by default
-    len(block_starts) * group_out.  weight is needed by 'pissa' only
-    (ignored otherwise): the base weight in its stored layout, (out, in),
+    len(block_starts) * group_out.  weight is needed by 'pissa' and 'olora'
+    only (ignored otherwise): the base weight in its stored layout, (out, in),
     or (in, out) when ``transposed``.  scaling is the adapter's scaling,
-    > 0 for 'pissa'.  rng: None, a seed or a numpy Generator.  Draws from it
+    > 0 for 'pissa', finite for 'olora'.  rng: None, a seed or a numpy Generator.  Draws from it
     in the same order as the layers always have, so seeded layers come out
     as before.  Returns an AdapterInit.
     """
@@ -143,15 +157,31 @@ def init_adapter(init, r, fan_in, group_out, *, kind="linear", block_starts=(0,)
                          f"out_features = {rows}")
     dtype = float_dtype(dtype, f"{func}: dtype")
     rng = as_generator(rng, f"{func}: rng")
-    if spec.name == "pissa":   # every check before any draw or SVD
-        w_view = _pissa_weight(weight, rows, fan_in, transposed, func)
-        scaling = _pissa_scaling(scaling, func)
+    if spec.name in BASE_CHANGING:   # every check before any draw or factorisation
+        w_view = _base_weight(weight, rows, fan_in, transposed, spec.name, func)
+        scaling = _residual_scaling(scaling, spec.name, func)
+    if spec.name == "orthogonal" and r % 2:
+        raise ValueError(f"{func}: init='orthogonal' needs an even r (its A and B take r / 2 orthogonal "
+                         f"directions each), got r = {r}")
 
     groups = len(starts)
+    if spec.name == "orthogonal":
+        return AdapterInit(*_orthogonal_factors(groups, r, fan_in, group_out, rng, dtype), None)
     a, b = _random_factors(spec, kind, groups * r, fan_in, groups * group_out, r, rng, dtype)
-    if spec.name != "pissa":
+    if spec.name == "pissa":
+        def factor(block, k):
+            from ..lowrank.extract import lora_factors
+
+            lora_a, lora_b, _ = lora_factors(block, k, scaling, randomized=spec.niter is not None,
+                                             niter=spec.niter or 0, rng=rng, func=func)
+            return lora_a, lora_b
+    elif spec.name == "olora":
+        def factor(block, k):
+            q, rr = np.linalg.qr(block)          # (og, min) and (min, in), float64
+            return rr[:k], q[:, :k]
+    else:
         return AdapterInit(a, b, None)
-    return _pissa(w_view, a, b, r, group_out, starts, scaling, transposed, spec.niter, rng, dtype, func)
+    return _factor_blocks(w_view, a, b, r, group_out, starts, scaling, transposed, dtype, factor)
 
 
 def linear_init(init, in_features, out_features, r, *, fan_in_fan_out=False, weight=None, scaling=1.0, std=None,
@@ -202,41 +232,57 @@ def _random_factors(spec, kind, a_rows, fan_in, b_rows, r, rng, dtype):
     return a, _init.zeros((b_rows, r), dtype)
 
 
-def _pissa_weight(weight, rows, fan_in, transposed, func):
+def _base_weight(weight, rows, fan_in, transposed, name, func):
     """The base weight as a float64 (out, in) array (a copy), after checking it."""
     from ..lowrank._checks import as_matrix
 
     if weight is None:
-        raise ValueError(f"{func}: init='pissa' needs the base weight (its SVD gives lora_A and lora_B), got None")
+        raise ValueError(f"{func}: init={name!r} needs the base weight (its factorisation gives lora_A and "
+                         "lora_B), got None")
     w = as_matrix(weight, "weight", func)
     expected = (fan_in, rows) if transposed else (rows, fan_in)
     if w.shape != expected:
         layout = " (stored transposed: (in, out))" if transposed else ""
-        raise ValueError(f"{func}: init='pissa': weight must have shape {expected}{layout}, got {tuple(w.shape)}")
+        raise ValueError(f"{func}: init={name!r}: weight must have shape {expected}{layout}, got {tuple(w.shape)}")
     w = w.astype(np.float64)          # always a copy: the residual is formed in it
     return w.T if transposed else w
 
 
-def _pissa_scaling(scaling, func):
+def _residual_scaling(scaling, name, func):
+    """The scaling the residual W0 - scaling * B A uses: PiSSA's splits sqrt(S / scaling), so > 0."""
     if isinstance(scaling, bool) or not isinstance(scaling, (numbers.Real, np.floating, np.integer)):
         raise TypeError(f"{func}: scaling must be a real number, got {type(scaling).__name__}")
     scaling = float(scaling)
-    if not (np.isfinite(scaling) and scaling > 0):
+    if name == "pissa" and not (np.isfinite(scaling) and scaling > 0):
         raise ValueError(f"{func}: init='pissa' needs scaling = lora_alpha / r > 0 (lora_alpha > 0), got {scaling}")
+    if not np.isfinite(scaling):
+        raise ValueError(f"{func}: init={name!r} needs a finite scaling = lora_alpha / r, got {scaling}")
     return scaling
 
 
-def _pissa(w_view, a, b, r, group_out, starts, scaling, transposed, niter, rng, dtype, func):
-    """Overwrite each group's top directions of (a, b) with PiSSA's factors of its block
-    of w_view (float64 (out, in)); returns AdapterInit with the residual weight."""
-    from ..lowrank.extract import lora_factors
+def _orthogonal_factors(groups, r, fan_in, group_out, rng, dtype):
+    """PEFT's 'orthogonal' start for each group: (A (groups * r, fan_in), B (groups * group_out, r)), B A = 0."""
+    a = np.empty((groups * r, fan_in), dtype)
+    b = np.empty((groups * group_out, r), dtype)
+    half = r // 2
+    for e in range(groups):
+        q = np.linalg.qr(rng.standard_normal((r, r)))[0]        # (r, r) orthogonal
+        a[e * r:(e + 1) * r] = (rng.standard_normal((fan_in, half)) @ q[0::2]).T / 10.0
+        b[e * group_out:(e + 1) * group_out] = rng.standard_normal((half, group_out)).T @ q[1::2] / 10.0
+    return a, b
 
+
+def _factor_blocks(w_view, a, b, r, group_out, starts, scaling, transposed, dtype, factor):
+    """Overwrite each group's top k = min(r, group_out, fan_in) directions of (a, b) with
+    ``factor(block, k)`` -> (A_k (k, in), B_k (og, k)) of its block of w_view (float64 (out, in));
+    returns AdapterInit with the residual weight W0 - scaling * B A."""
     fan_in = w_view.shape[1]
     k = min(r, group_out, fan_in)
     for e, start in enumerate(starts):
+        if k == 0:   # an empty block: nothing to factor, the weight is empty too
+            break
         block = w_view[start:start + group_out]                 # (og, in), a view into the copy
-        lora_a, lora_b, _ = lora_factors(block, k, scaling, randomized=niter is not None,
-                                         niter=niter or 0, rng=rng, func=func)
+        lora_a, lora_b = factor(block, k)
         a_e = a[e * r:e * r + k]                                # (k, in)
         b_e = b[e * group_out:(e + 1) * group_out, :k]          # (og, k)
         a_e[...] = lora_a

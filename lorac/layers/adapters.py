@@ -44,7 +44,7 @@ from .._arrays import as_generator, non_negative_int, probability, real_number
 from ..module import Parameter
 from ._grads import GradBuffers
 from ._threading import ThreadState, locked
-from ._lora_init import check_init, init_adapter
+from ._lora_init import BASE_CHANGING, check_init, init_adapter
 
 DEFAULT = "default"
 BASE = "__base__"          # the name of "no adapter" in a mixed batch
@@ -230,7 +230,8 @@ class NamedAdapters(ThreadState):
         B zero, Embedding A zero and B N(0, 1); a no-op adapter), 'gaussian'
         (A ~ N(0, init_std^2), default 0.01; B zero), 'zeros_A', 'pissa' (A, B
         from the top-r SVD of the base weight, which becomes the residual;
-        only on a layer with no other adapter, unmerged), or PEFT's True
+        only on a layer with no other adapter, unmerged), 'olora' (the same
+        with the QR factorisation), 'orthogonal' (B A = 0, both random), or PEFT's True
         ('kaiming') / False (both random: a non-trivial adapter, for tests).  rng: seed or
         Generator (default: the layer's).  The base weight is frozen (as in
         any LoRA layer).  The adapter is not active until ``set_adapter``.
@@ -255,8 +256,8 @@ class NamedAdapters(ThreadState):
                              "to adapt")
         func = f"{type(self).__name__}.add_adapter"
         spec = check_init(init, init_std, func)
-        if spec.name == "pissa":
-            self._check_pissa_allowed(func, others=tuple(self._adapters))
+        if spec.name in BASE_CHANGING:
+            self._check_base_change_allowed(spec, func, others=tuple(self._adapters))
         gen = self.rng if rng is None else as_generator(rng)
         start = self._start_arrays(spec, r, config.scaling, gen, func)   # everything checked: now change
         a_name, b_name = param_names(name)
@@ -275,16 +276,16 @@ class NamedAdapters(ThreadState):
     def reset_adapter(self, name=DEFAULT, init="kaiming", init_std=None, rng=None):
         """Re-initialise adapter `name`'s lora_A / lora_B in place with `init` (see add_adapter).
 
-        With init='pissa' the current base weight W0 is factored and replaced by
-        W0 - scaling * B A: load the pretrained weights first.  'pissa' needs an
+        With init='pissa' / 'olora' the current base weight W0 is factored and replaced by
+        W0 - scaling * B A: load the pretrained weights first.  They need an
         unmerged layer whose only adapter is `name`.  Gradients of the two
         parameters are dropped; an optimizer's state for them (Adam moments) is
         not reset -- build the optimizer after this call."""
         func = f"{type(self).__name__}.reset_adapter"
         self._require_adapter(name)
         spec = check_init(init, init_std, func)
-        if spec.name == "pissa":
-            self._check_pissa_allowed(func, others=tuple(n for n in self._adapters if n != name))
+        if spec.name in BASE_CHANGING:
+            self._check_base_change_allowed(spec, func, others=tuple(n for n in self._adapters if n != name))
         config = self.adapter_config(name)
         start = self._start_arrays(spec, config.r, config.scaling, self.rng if rng is None else as_generator(rng),
                                    func)
@@ -296,14 +297,15 @@ class NamedAdapters(ThreadState):
         self._changed()
         return self
 
-    def _check_pissa_allowed(self, func, others):
+    def _check_base_change_allowed(self, spec, func, others):
+        """For an init that factors the base weight and replaces it by the residual ('pissa', 'olora')."""
         if self.merged_adapters:
-            raise ValueError(f"{func}: init='pissa' factors the unmerged base weight, but adapters "
+            raise ValueError(f"{func}: init={spec.name!r} factors the unmerged base weight, but adapters "
                              f"{list(self.merged_adapters)} are merged into it; unmerge first (train())")
         if others:
-            raise ValueError(f"{func}: init='pissa' replaces the shared base weight by W0 - scaling * B A, which "
-                             f"would change what the layer's other adapters {list(others)} compute; use it on a "
-                             "layer with no other adapter")
+            raise ValueError(f"{func}: init={spec.name!r} replaces the shared base weight by W0 - scaling * B A, "
+                             f"which would change what the layer's other adapters {list(others)} compute; use it "
+                             "on a layer with no other adapter")
 
     def _start_arrays(self, spec, r, scaling, rng, func):
         """AdapterInit (lora_A, lora_B, new weight or None) of a new rank-r adapter (layers/_lora_init.py)."""

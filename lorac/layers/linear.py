@@ -35,9 +35,11 @@ class Linear(LoRALayer, Module):
     ``init`` chooses how the adapter starts (layers/_lora_init.py): 'kaiming'
     (loralib's, the default), 'gaussian' (A ~ N(0, init_std^2), init_std
     0.01 by default; B = 0), 'zeros_A' (A = 0, B ~ N(0, init_std^2),
-    default 1) or 'pissa' (A, B from the top-r SVD of the weight, which
+    default 1), 'pissa' (A, B from the top-r SVD of the weight, which
     becomes the residual W0 - scaling * B A: the layer's output does not
-    change, but its saved base weight is the residual).  At construction
+    change, but its saved base weight is the residual), 'olora' (the same
+    with the QR factorisation: B = Q_r, A = R_r) or 'orthogonal' (PEFT's:
+    A and B random with B A = 0; r even).  At construction
     'pissa' factors the freshly drawn weight; to factor pretrained weights,
     load them first and call ``reset_adapter(init='pissa')``.
     """

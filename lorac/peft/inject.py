@@ -46,8 +46,10 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
         the number after ``<layers_pattern>.`` in the path.
     init, init_std: how adapters start, as ``Linear(init=...)``: 'kaiming'
         (default), 'gaussian' (std 0.01 unless init_std; PEFT's is 1 / r),
-        'zeros_A', 'pissa' / 'pissa_niter_N' (the base weight becomes the
-        residual), or PEFT's True / False.
+        'zeros_A', 'pissa' / 'pissa_niter_N' / 'olora' (the base weight
+        becomes the residual), 'orthogonal', or PEFT's True / False.  PEFT
+        starts an Embedding at its default init under 'pissa', 'olora' and
+        'orthogonal'; lorac applies them to Embeddings too.
     use_dora: make the layers ``lorac.DoRALinear`` / ``lorac.DoRAEmbedding``
         (DoRA, PEFT's use_dora), their magnitudes starting at the row norms
         so the outputs do not change.
