@@ -34,6 +34,7 @@ from contextlib import ExitStack, contextmanager
 import numpy as np
 
 from . import checkpoint
+from ._task_merge import PRUNING, SIGN_METHODS, merge_task_tensors
 from ._arrays import as_generator, non_negative_int, probability, real_number
 from .layers.adapters import BASE, DEFAULT, AdapterConfig, check_new_name, mixed_batch, names_list
 from .layers._lora_init import BASE_CHANGING, check_init
@@ -46,7 +47,8 @@ __all__ = ["adapter_names", "add_adapter", "set_adapter", "delete_adapter", "dis
            "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "add_weighted_adapter",
            "load_adapter", "save_adapter"]
 
-COMBINATIONS = ("cat", "linear", "svd")
+COMBINATIONS = ("cat", "linear", "svd", "ties", "ties_svd", "dare_ties", "dare_ties_svd", "dare_linear",
+                "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd")
 
 
 # -- finding layers ------------------------------------------------------------
@@ -270,7 +272,8 @@ def _plain_layer(layer):
 
 
 # -- weighted combinations ---------------------------------------------------------------
-def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd_rank=None):
+def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd_rank=None, density=None,
+                         majority_sign_method="total", rng=None):
     """Add adapter `new_name` combining adapters `names` with `weights`.
 
     In every layer holding some of them the target is the weighted delta
@@ -291,7 +294,21 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
                with c_i = sqrt(|w_i s_i|).  Approximate: B A holds the wanted
                w_i s_i B_i A_i plus cross terms c_i c_j B_i A_j (i != j)
                (PEFT #3004); exact for a single adapter.
-    MergedLinear layers combine group by group.  Checked before any change.
+      "ties", "dare_ties", "dare_linear", "magnitude_prune"
+               PEFT's task-vector merges (lorac/_task_merge.py) of the A's
+               with weights sign(w_i s_i) c_i and of the B's with weights
+               c_i, as PEFT does; equal ranks only.  ``density`` (required,
+               in [0, 1], > 0 for DARE) is the fraction of entries each
+               pruning keeps; ``majority_sign_method`` ("total" or
+               "frequency") elects TIES's signs; ``rng`` (seed or Generator)
+               draws DARE's masks.  Approximate, as "linear".
+      "<one of those>_svd"
+               the same merge of the deltas s_i B_i A_i (each formed, (og,
+               in)) with weights w_i, then the best rank-k factors of the
+               result (k as for "svd"): B = U_k S_k, A = V_k^T.
+    With a single name, the pruning kinds fall back to "linear", as PEFT's
+    do.  MergedLinear layers combine group by group (a merge prunes the
+    stack of a layer's groups as one tensor).  Checked before any change.
     Returns the model."""
     names = names_list(names, "names")
     if not names:
@@ -310,6 +327,9 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
         svd_rank = non_negative_int(svd_rank, "svd_rank")
         if svd_rank == 0:
             raise ValueError("add_weighted_adapter: svd_rank must be >= 1, got 0")
+    merge = _merge_options(combination, density, majority_sign_method, rng)
+    if merge is not None and len(names) == 1:   # PEFT: a single adapter is combined linearly
+        combination, merge = "linear", None
     _require_known(model, names, "add_weighted_adapter")
     if new_name in adapter_names(model):
         raise ValueError(f"add_weighted_adapter: the model already has an adapter {new_name!r}")
@@ -320,7 +340,7 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
         if not held:
             continue
         _refuse_dora(layer, path, "add_weighted_adapter", "combining its adapter")
-        a, b = _combined(layer, [n for n, _ in held], [w for _, w in held], combination, svd_rank, path)
+        a, b = _combined(layer, [n for n, _ in held], [w for _, w in held], combination, svd_rank, path, merge)
         dropout = layer.adapter_config(held[0][0]).lora_dropout
         plans.append((layer, a, b, dropout))
     for layer, a, b, dropout in plans:
@@ -330,8 +350,33 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
     return model
 
 
-def _combined(layer, names, weights, combination, svd_rank, path):
-    """(A (groups * k, in), B (groups * og, k)) in float64 of the combined adapter."""
+def _merge_options(combination, density, majority_sign_method, rng):
+    """(method, density, sign method, Generator) of a pruning combination, None for the others;
+    ValueError / TypeError for options that do not fit."""
+    method = combination[:-4] if combination.endswith("_svd") else combination
+    if majority_sign_method not in SIGN_METHODS:
+        raise ValueError(f"add_weighted_adapter: majority_sign_method must be one of {SIGN_METHODS}, got "
+                         f"{majority_sign_method!r}")
+    if method not in PRUNING:
+        if density is not None:
+            raise ValueError(f"add_weighted_adapter: density applies to the pruning combinations "
+                             f"({', '.join(repr(c) for c in COMBINATIONS[3:])}), not {combination!r}")
+        return None
+    if density is None:
+        raise ValueError(f"add_weighted_adapter(combination={combination!r}) needs density, the fraction of "
+                         "entries each pruning keeps (in [0, 1])")
+    density = real_number(density, "density")
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"add_weighted_adapter: density must be in [0, 1], got {density}")
+    if PRUNING[method] == "random" and density == 0:
+        raise ValueError(f"add_weighted_adapter(combination={combination!r}): density must be > 0 (DARE "
+                         "rescales the kept entries by 1 / density)")
+    return method, density, majority_sign_method, as_generator(rng)
+
+
+def _combined(layer, names, weights, combination, svd_rank, path, merge=None):
+    """(A (groups * k, in), B (groups * og, k)) in float64 of the combined adapter;
+    ``merge``: _merge_options' tuple for the pruning combinations."""
     groups, fan_in, og, _ = layer._adapter_geometry()
     As, Bs, coefs = [], [], []
     for name, w in zip(names, weights):
@@ -342,14 +387,30 @@ def _combined(layer, names, weights, combination, svd_rank, path):
     if combination == "cat":
         a = np.concatenate(As, axis=1)
         b = np.concatenate([c * B for c, B in zip(coefs, Bs)], axis=2)
-    elif combination == "linear":
+    elif combination == "linear" or (merge is not None and not combination.endswith("_svd")):
         ranks = sorted({A.shape[1] for A in As})
         if len(ranks) != 1:
-            raise ValueError(f"add_weighted_adapter(combination='linear'): layer {path!r} has adapters of ranks "
-                             f"{[A.shape[1] for A in As]}; 'linear' needs equal ranks (use 'cat' or 'svd')")
+            raise ValueError(f"add_weighted_adapter(combination={combination!r}): layer {path!r} has adapters of "
+                             f"ranks {[A.shape[1] for A in As]}; {combination!r} needs equal ranks (use 'cat' "
+                             "or 'svd')")
         roots = [math.sqrt(abs(c)) for c in coefs]
-        a = sum(root * A for root, A in zip(roots, As))
-        b = sum(math.copysign(root, c) * B for root, c, B in zip(roots, coefs, Bs))
+        if merge is None:
+            a = sum(root * A for root, A in zip(roots, As))
+            b = sum(math.copysign(root, c) * B for root, c, B in zip(roots, coefs, Bs))
+        else:   # PEFT's signs: on the A's
+            method, density, sign_method, rng = merge
+            a = merge_task_tensors(method, As, [math.copysign(root, c) for root, c in zip(roots, coefs)],
+                                   density, sign_method, rng)
+            b = merge_task_tensors(method, Bs, roots, density, sign_method, rng)
+    elif merge is not None:   # "<merge>_svd": merge the deltas, then factor
+        method, density, sign_method, rng = merge
+        k = svd_rank if svd_rank is not None else max(A.shape[1] for A in As)
+        deltas = [layer._scaling_of(n) * np.matmul(B, A) for n, A, B in zip(names, As, Bs)]   # (E, og, in)
+        delta = merge_task_tensors(method, deltas, weights, density, sign_method, rng)
+        a = np.zeros((groups, k, fan_in))
+        b = np.zeros((groups, og, k))
+        for e in range(groups):
+            b[e], a[e] = _truncated_factors(delta[e], k)
     else:
         k = svd_rank if svd_rank is not None else max(A.shape[1] for A in As)
         a_cat = np.concatenate(As, axis=1)
@@ -359,6 +420,19 @@ def _combined(layer, names, weights, combination, svd_rank, path):
         for e in range(groups):
             b[e], a[e] = _truncated_product(b_cat[e], a_cat[e], k)
     return a.reshape(-1, fan_in), b.reshape(groups * og, -1)
+
+
+def _truncated_factors(delta, k):
+    """Best rank-k factors (B_k = U_k S_k (m, k), A_k = V_k^T (k, n)) of delta (m, n)."""
+    m, n = delta.shape
+    out_b, out_a = np.zeros((m, k)), np.zeros((k, n))
+    if min(m, n) == 0:
+        return out_b, out_a
+    u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    keep = min(k, s.size)
+    out_b[:, :keep] = u[:, :keep] * s[:keep]
+    out_a[:keep] = vt[:keep]
+    return out_b, out_a
 
 
 def _truncated_product(b, a, k):

@@ -605,7 +605,7 @@ def test_weighted_adapter_errors():
     with pytest.raises(ValueError, match="2 names but 1 weights"):
         lorac.add_weighted_adapter(net, ["a", "default"], [1], "mix")
     with pytest.raises(ValueError, match="combination must be one of"):
-        lorac.add_weighted_adapter(net, ["a"], [1], "mix", combination="ties")
+        lorac.add_weighted_adapter(net, ["a"], [1], "mix", combination="task_arithmetic")
     with pytest.raises(ValueError, match="already has an adapter 'b'"):
         lorac.add_weighted_adapter(net, ["a"], [1], "b")
     with pytest.raises(ValueError, match="weights"):
