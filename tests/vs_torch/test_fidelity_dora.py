@@ -1,4 +1,4 @@
-"""lorac.DoRALinear against PEFT's LoraConfig(use_dora=True) on the same
+"""lorac.DoRALinear (and, for what both layers share, DoRAEmbedding) against PEFT's
 weights (forward, every gradient, merging), and against a NumPy float64
 reference of PEFT's formula with finite differences where PEFT's random
 dropout mask cannot be shared."""
@@ -17,20 +17,26 @@ peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.torch
 
 
-def peft_dora(in_features, out_features, r, lora_alpha, use_rslora, seed):
-    """A PEFT DoRA layer over a float64 torch Linear, with a random B and a
-    magnitude away from the row norms (so that c != 1)."""
+def peft_dora_model(make_base, r, lora_alpha, use_rslora, seed):
+    """(PEFT model, its DoRA layer) over Sequential(make_base()) in float64, with random
+    factors (init_lora_weights=False) and a magnitude away from the norms (so that c != 1)."""
     torch.manual_seed(seed)
-    base = torch.nn.Sequential(torch.nn.Linear(in_features, out_features)).double()
     config = peft.LoraConfig(target_modules=["0"], r=r, lora_alpha=lora_alpha, use_dora=True, use_rslora=use_rslora,
                              init_lora_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = peft.get_peft_model(base, config)
+        model = peft.get_peft_model(torch.nn.Sequential(make_base()).double(), config)
     layer = model.base_model.model[0]
     with torch.no_grad():
         magnitude = layer.lora_magnitude_vector["default"].weight
         magnitude.mul_(torch.rand(magnitude.shape, dtype=magnitude.dtype) + 0.5)
+    return model, layer
+
+
+def peft_dora(in_features, out_features, r, lora_alpha, use_rslora, seed):
+    """A PEFT DoRA layer over a torch Linear (peft_dora_model), its bias trained too."""
+    model, layer = peft_dora_model(lambda: torch.nn.Linear(in_features, out_features), r, lora_alpha, use_rslora,
+                                   seed)
     layer.base_layer.bias.requires_grad_(True)
     return model, layer
 
@@ -74,12 +80,18 @@ def test_forward_and_gradients_match_peft(in_features, out_features, r, lora_alp
 def test_merging_matches_peft_and_round_trips(in_features, out_features, r, lora_alpha, use_rslora, lead):
     model, layer = peft_dora(in_features, out_features, r, lora_alpha, use_rslora, seed=10 + r)
     ours = lorac_twin(layer, r, lora_alpha, use_rslora)
+    assert_merge_matches_peft_and_round_trips(ours, model, np.random.default_rng(0).standard_normal(
+        lead + (in_features,)))
+
+
+def assert_merge_matches_peft_and_round_trips(ours, peft_model, x):
+    """eval() merges what PEFT's merge_and_unload gives, computes the same, keeps the unmerged
+    weight in state_dict(); train() restores W0."""
     w0 = ours.weight.data.copy()
-    x = np.random.default_rng(0).standard_normal(lead + (in_features,))
     y_train = ours(x)
     ours.eval()
     assert ours.merged
-    merged_torch = model.merge_and_unload()[0].weight.detach().numpy()
+    merged_torch = peft_model.merge_and_unload()[0].weight.detach().numpy()
     np.testing.assert_allclose(ours.weight.data, merged_torch, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(ours(x), y_train, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(ours.state_dict()["weight"], w0, rtol=0, atol=1e-14)
@@ -131,14 +143,20 @@ def merged_layer(rng):
     return layer.eval()
 
 
-@pytest.mark.parametrize("keys", [("lora_magnitude_vector",), ("weight", "lora_B"),
-                                  ("weight", "bias", "lora_A", "lora_B", "lora_magnitude_vector")])
-def test_loading_into_a_merged_layer_equals_loading_then_merging(keys):
+def merged_embedding(rng):
+    layer = lorac.DoRAEmbedding(9, 4, r=2, lora_alpha=4, dtype=np.float64, rng=3, init=False)
+    layer.lora_magnitude_vector.data *= rng.uniform(0.5, 1.5, 4)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("make", [merged_layer, merged_embedding], ids=["DoRALinear", "DoRAEmbedding"])
+@pytest.mark.parametrize("keys", [("lora_magnitude_vector",), ("weight", "lora_B"), ("weight", "lora_A"), "all"])
+def test_loading_into_a_merged_layer_equals_loading_then_merging(make, keys):
     rng = np.random.default_rng(5)
-    merged = merged_layer(rng)
+    merged = make(rng)
     fresh = copy.deepcopy(merged).train()
     incoming = {k: rng.standard_normal(v.shape) + (5 if k == "lora_magnitude_vector" else 0)
-                for k, v in merged.state_dict().items() if k in keys}
+                for k, v in merged.state_dict().items() if keys == "all" or k in keys}
     merged.load_state_dict(incoming, strict=False)
     fresh.load_state_dict(incoming, strict=False)
     fresh.eval()
@@ -211,20 +229,27 @@ def test_what_a_dora_layer_refuses():
     assert layer.adapter_names == ("default",)
 
 
-def test_disabled_and_cast_and_reset():
+@pytest.mark.parametrize("kind", ["DoRALinear", "DoRAEmbedding"])
+def test_disabled_and_cast_and_reset(kind):
     rng = np.random.default_rng(4)
-    layer = merged_layer(rng).train()
-    x = rng.standard_normal((2, 6))
-    base = x @ layer.weight.data.T + layer.bias.data
+    if kind == "DoRALinear":
+        layer = merged_layer(rng).train()
+        x = rng.standard_normal((2, 6))
+        base, x32 = x @ layer.weight.data.T + layer.bias.data, x.astype(np.float32)
+    else:
+        layer = merged_embedding(rng).train()
+        x = x32 = np.array([[2, 5], [8, 2]])
+        base = layer.weight.data[x]
     with layer.disable_adapters():
         np.testing.assert_allclose(layer(x), base, rtol=1e-12)
     layer.reset_adapter(init="kaiming")
     np.testing.assert_allclose(layer(x), base, rtol=1e-12, atol=1e-12)  # magnitude restarts at the norms
     layer.to(np.float32)
     assert layer.lora_magnitude_vector.dtype == np.float32
-    y = layer(x.astype(np.float32))
+    y = layer(x32)
     np.testing.assert_allclose(y, base, rtol=1e-5, atol=1e-5)
     layer.backward(np.ones_like(y))
+    assert layer.lora_magnitude_vector.grad.dtype == np.float32
 
 
 # -- PEFT folders and inject_lora(use_dora=True) ---------------------------------------

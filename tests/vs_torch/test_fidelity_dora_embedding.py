@@ -12,28 +12,17 @@ import pytest
 import lorac
 from fidelity import assert_matches, torch
 from reference import central_difference
+from test_fidelity_dora import assert_merge_matches_peft_and_round_trips, peft_dora_model
+from test_fidelity_dora import merged_embedding   # also used there: loading into a merged layer, cast, reset
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.torch
 
 
 def peft_dora_embedding(num, dim, r, lora_alpha, use_rslora, padding_idx, seed):
-    """A PEFT DoRA layer over a float64 torch Embedding, random A and B and a
-    magnitude away from the column norms (so that c != 1)."""
-    torch.manual_seed(seed)
-    base = torch.nn.Sequential(torch.nn.Embedding(num, dim, padding_idx=padding_idx)).double()
-    config = peft.LoraConfig(target_modules=["0"], r=r, lora_alpha=lora_alpha, use_dora=True, use_rslora=use_rslora,
-                             init_lora_weights=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.get_peft_model(base, config)
-    layer = model.base_model.model[0]
-    with torch.no_grad():
-        layer.lora_embedding_A["default"].normal_()
-        layer.lora_embedding_B["default"].normal_()
-        magnitude = layer.lora_magnitude_vector["default"].weight
-        magnitude.mul_(torch.rand(magnitude.shape, dtype=magnitude.dtype) + 0.5)
-    return model, layer
+    """A PEFT DoRA layer over a torch Embedding (A and B both N(0, 1) under init_lora_weights=False)."""
+    return peft_dora_model(lambda: torch.nn.Embedding(num, dim, padding_idx=padding_idx), r, lora_alpha, use_rslora,
+                           seed)
 
 
 def lorac_twin(layer, r, lora_alpha, use_rslora, padding_idx):
@@ -78,17 +67,7 @@ def test_forward_and_gradients_match_peft(num, dim, r, lora_alpha, use_rslora, p
 def test_merging_matches_peft_and_round_trips(num, dim, r, lora_alpha, use_rslora, padding_idx, shape):
     model, layer = peft_dora_embedding(num, dim, r, lora_alpha, use_rslora, padding_idx, seed=10 + r)
     ours = lorac_twin(layer, r, lora_alpha, use_rslora, padding_idx)
-    w0 = ours.weight.data.copy()
-    idx = np.random.default_rng(0).integers(0, num, shape)
-    y_train = ours(idx)
-    ours.eval()
-    assert ours.merged
-    merged_torch = model.merge_and_unload()[0].weight.detach().numpy()
-    np.testing.assert_allclose(ours.weight.data, merged_torch, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(ours(idx), y_train, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(ours.state_dict()["weight"], w0, rtol=0, atol=1e-14)
-    ours.train()
-    np.testing.assert_allclose(ours.weight.data, w0, rtol=0, atol=1e-14)
+    assert_merge_matches_peft_and_round_trips(ours, model, np.random.default_rng(0).integers(0, num, shape))
 
 
 def test_against_a_reference_and_finite_differences():
@@ -115,28 +94,6 @@ def test_against_a_reference_and_finite_differences():
         if name == "lora_A":
             expected[:, 4] = 0.0   # padding_idx's column gets no gradient, as torch's padding row
         np.testing.assert_allclose(getattr(layer, name).grad, expected, rtol=1e-6, atol=1e-7, err_msg=name)
-
-
-def merged_embedding(rng):
-    layer = lorac.DoRAEmbedding(9, 4, r=2, lora_alpha=4, dtype=np.float64, rng=3, init=False)
-    layer.lora_magnitude_vector.data *= rng.uniform(0.5, 1.5, 4)
-    return layer.eval()
-
-
-@pytest.mark.parametrize("keys", [("lora_magnitude_vector",), ("weight", "lora_A"),
-                                  ("weight", "lora_A", "lora_B", "lora_magnitude_vector")])
-def test_loading_into_a_merged_layer_equals_loading_then_merging(keys):
-    rng = np.random.default_rng(5)
-    merged = merged_embedding(rng)
-    fresh = copy.deepcopy(merged).train()
-    incoming = {k: rng.standard_normal(v.shape) + (5 if k == "lora_magnitude_vector" else 0)
-                for k, v in merged.state_dict().items() if k in keys}
-    merged.load_state_dict(incoming, strict=False)
-    fresh.load_state_dict(incoming, strict=False)
-    fresh.eval()
-    np.testing.assert_allclose(merged.weight.data, fresh.weight.data, rtol=1e-12, atol=1e-12)
-    for key, value in merged.state_dict().items():
-        np.testing.assert_allclose(value, fresh.state_dict()[key], rtol=1e-12, atol=1e-12, err_msg=key)
 
 
 def test_unload_refusals_and_a_failed_backward():
@@ -169,23 +126,6 @@ def test_unload_refusals_and_a_failed_backward():
     unloaded = lorac.unload(twin)
     assert type(unloaded[0]) is lorac.Embedding
     np.testing.assert_array_equal(unloaded[0].weight.data, before["0.weight"])
-
-
-def test_disabled_cast_and_reset():
-    rng = np.random.default_rng(4)
-    layer = merged_embedding(rng).train()
-    idx = np.array([[2, 5], [8, 2]])
-    base = layer.weight.data[idx]
-    with layer.disable_adapters():
-        np.testing.assert_allclose(layer(idx), base, rtol=1e-12)
-    layer.reset_adapter(init="kaiming")
-    np.testing.assert_allclose(layer(idx), base, rtol=1e-12, atol=1e-12)   # magnitude restarts at the norms
-    layer.to(np.float32)
-    assert layer.lora_magnitude_vector.dtype == np.float32
-    y = layer(idx)
-    np.testing.assert_allclose(y, base, rtol=1e-5, atol=1e-5)
-    layer.backward(np.ones_like(y))
-    assert layer.lora_magnitude_vector.grad.dtype == np.float32
 
 
 # -- inject_lora(use_dora=True) and PEFT folders with embed_tokens ------------------------
