@@ -1,5 +1,6 @@
-"""lorac.DoRALinear (and, for what both layers share, DoRAEmbedding) against PEFT's
-weights (forward, every gradient, merging), and against a NumPy float64
+"""lorac.DoRALinear (and, for what both layers share, DoRAEmbedding) against
+PEFT's LoraConfig(use_dora=True) on the same weights (forward, every
+gradient, merging), and against a NumPy float64
 reference of PEFT's formula with finite differences where PEFT's random
 dropout mask cannot be shared."""
 
