@@ -311,13 +311,32 @@ def test_info_on_corrupt_safetensors_headers(capsys, tmp_path):
         assert_one_line_error(code, err, str(path))
 
 
-def test_merge_refuses_dora_adapters_and_convert_keeps_their_magnitudes(capsys, files, rng):
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_merge_of_dora_adapters_equals_merge_and_unload(capsys, tmp_path, rng, fan_in_fan_out):
+    model = lorac.Sequential(lorac.Embedding(7, 6, rng=2), lorac.Linear(6, 8, rng=0, fan_in_fan_out=fan_in_fan_out),
+                             lorac.ReLU(), lorac.Linear(8, 3, rng=1, fan_in_fan_out=fan_in_fan_out))
+    lorac.save(model.state_dict(), tmp_path / "base.safetensors")
+    lorac.inject_lora(model, ["0", "1", "3"], r=2, lora_alpha=4, rng=0, use_dora=True, fan_in_fan_out=None)
+    for layer in (model[0], model[1], model[3]):
+        layer.lora_A.data[...] = rng.standard_normal(layer.lora_A.shape)
+        layer.lora_B.data[...] = rng.standard_normal(layer.lora_B.shape)
+        layer.lora_magnitude_vector.data *= rng.uniform(0.5, 1.5, layer.lora_magnitude_vector.shape)
+    layer.lora_magnitude_vector.data[1] = 0.0   # a zeroed row stays finite
+    lorac.save_peft_adapter(model, tmp_path / "dora")
+    code, out, _ = run(capsys, "merge", tmp_path / "base.safetensors", tmp_path / "dora", "-o",
+                       tmp_path / "merged.safetensors")
+    assert code == 0 and "3 layers merged" in out
+    merged = lorac.load(tmp_path / "merged.safetensors")
+    expected = lorac.merge_and_unload(model).state_dict()
+    assert merged.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_allclose(merged[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_convert_keeps_dora_magnitudes(capsys, files, rng):
     tmp, _, _ = files
     model = trained(mlp(), rng, use_dora=True)
     lorac.save_peft_adapter(model, tmp / "dora")
-    code, _, err = run(capsys, "merge", tmp / "base.safetensors", tmp / "dora", "-o", tmp / "merged.safetensors")
-    assert_one_line_error(code, err, "is a DoRA layer (lora_magnitude_vector)", "lorac.merge_and_unload")
-    assert not (tmp / "merged.safetensors").exists()
     assert run(capsys, "convert", tmp / "dora", tmp / "dora.safetensors")[0] == 0
     back = lorac.load(tmp / "dora.safetensors")
     np.testing.assert_array_equal(back["0.lora_magnitude_vector"], model[0].lora_magnitude_vector.data)
@@ -327,3 +346,22 @@ def test_merge_refuses_dora_adapters_and_convert_keeps_their_magnitudes(capsys, 
     lorac.load_peft_adapter(restored, tmp / "again")
     x = rng.standard_normal((2, 6)).astype(np.float32)
     np.testing.assert_allclose(restored(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_merge_of_a_peft_folder_whose_layers_store_their_weights_both_ways(capsys, tmp_path, rng):
+    """adapter_config.json has one fan_in_fan_out; the weights file's metadata records the layers that
+    differ, so a square (in, out) layer is not merged transposed."""
+    model = lorac.Sequential(lorac.Linear(5, 5, rng=0, fan_in_fan_out=True), lorac.Linear(5, 4, rng=1),
+                             lorac.Linear(4, 4, rng=2))
+    lorac.save(model.state_dict(), tmp_path / "base.safetensors")
+    lorac.inject_lora(model, ["0", "1", "2"], r=2, lora_alpha=4, rng=0, fan_in_fan_out=None)
+    for layer in model:
+        layer.lora_B.data[...] = rng.standard_normal(layer.lora_B.shape)
+    config = lorac.save_peft_adapter(model, tmp_path / "peft")
+    assert config["fan_in_fan_out"] is False
+    metadata = lorac.checkpoint.read_metadata(tmp_path / "peft" / "adapter_model.safetensors")
+    assert metadata["lorac_fan_in_fan_out"] == '{"0": true}'
+    assert run(capsys, "merge", tmp_path / "base.safetensors", tmp_path / "peft", "-o", tmp_path / "m.npz")[0] == 0
+    merged, expected = lorac.load(tmp_path / "m.npz"), lorac.merge_and_unload(model).state_dict()
+    for key, value in expected.items():
+        np.testing.assert_allclose(merged[key], value, rtol=1e-6, atol=1e-6, err_msg=key)

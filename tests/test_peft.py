@@ -536,6 +536,23 @@ def test_folder_errors(tmp_path):
         lorac.load_peft_adapter(object(), tmp_path / "empty")
 
 
+@pytest.mark.parametrize("layouts, match", [
+    ("{", "is not valid JSON"), ("[true]", "must map layer paths to true / false"),
+    ('{"0": 1}', "must map layer paths to true / false"), ('{"9": true}', "names '9', which is not a Linear"),
+])
+def test_bad_layout_metadata_is_refused(tmp_path, rng, layouts, match):
+    from lorac.peft.folder import read_peft_folder
+
+    folder = write_folder(tmp_path / "a", adapter_tensors(rng))
+    weights = folder / "adapter_model.safetensors"
+    lorac.save(lorac.load(weights), weights, metadata={"format": "pt", "lorac_fan_in_fan_out": layouts})
+    with pytest.raises(PeftFolderError, match=match):
+        read_peft_folder(folder)
+    lorac.save(lorac.load(weights), weights, metadata={"format": "pt", "lorac_fan_in_fan_out": '{"2": true}'})
+    adapter, _ = read_peft_folder(folder)
+    assert adapter.layers["2"].fan_in_fan_out is True and adapter.layers["0"].fan_in_fan_out is False
+
+
 def test_absurd_config_json_is_refused(tmp_path, rng):
     folder = write_folder(tmp_path / "a", adapter_tensors(rng))
     (folder / "adapter_config.json").write_text("[" * 100_000)

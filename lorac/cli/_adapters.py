@@ -55,15 +55,6 @@ def require_plain(adapter, path, what):
         raise CommandError(f"{path}: layer {name!r} is {description}; {what} handles plain LoRA layers only")
 
 
-def require_no_dora(adapter, path, what):
-    """CommandError if the adapter holds DoRA layers (a magnitude vector): ``what`` adds B A linearly."""
-    for name, layer in adapter.layers.items():
-        if layer.magnitude is not None:
-            raise CommandError(f"{path}: layer {name!r} is a DoRA layer (lora_magnitude_vector); {what} merges "
-                               "plain LoRA only: load the adapter with lorac.load_peft_adapter and use "
-                               "lorac.merge_and_unload")
-
-
 def require_alpha(adapter, path):
     for name, layer in adapter.layers.items():
         if layer.lora_alpha is None:

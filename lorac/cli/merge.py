@@ -7,7 +7,10 @@ folder) the base tensor ``<path>.weight`` becomes
     W += scaling * (B A)^T         W stored (in, out): fan_in_fan_out, embeddings
 
 with ``scaling = alpha / r`` (``alpha / sqrt(r)`` for rsLoRA), computed by
-lorac's C merge kernel (one GEMM per layer).  alpha, rsLoRA and the layout
+lorac's C merge kernel (one GEMM per layer).  A DoRA layer (a
+``lora_magnitude_vector`` m) then has each row of the (out, in) view scaled
+by ``m / ||row||``, as ``lorac.DoRALinear`` / ``DoRAEmbedding`` and PEFT
+merge it (a row of norm 0 becomes 0, where PEFT gives NaN).  alpha, rsLoRA and the layout
 come from the adapter's metadata / adapter_config.json, or --alpha,
 --rslora, --fan-in-fan-out; a layer whose alpha is unknown is an error.  When
 nothing records the layout it is taken from the shape when in != out;
@@ -25,9 +28,11 @@ a terminal when the merged weights exceed PROGRESS_BYTES.
 
 import os
 
+import numpy as np
+
 from .. import _C, checkpoint
 from ..peft.keys import lorac_key
-from ._adapters import add_source_options, read_adapter, require_alpha, require_no_dora, require_plain
+from ._adapters import add_source_options, read_adapter, require_alpha, require_plain
 from . import CommandError
 
 PROGRESS_BYTES = 64 * 2**20
@@ -69,6 +74,14 @@ def _layout(layer, weight, key):
     return transposed
 
 
+def _dora_rescale(weight, magnitude, transposed):
+    """DoRA's merge, after W += s B A: each row of the (out, in) view times m / ||row|| (0 for a zero row)."""
+    rows = weight.T if transposed else weight
+    norms = np.sqrt(np.einsum("oi,oi->o", rows, rows, dtype=np.float64))
+    c = np.divide(magnitude.astype(np.float64), norms, out=np.zeros_like(norms), where=norms > 0)
+    rows *= c.astype(weight.dtype)[:, None]
+
+
 def _mismatch(key, weight, expected, how, hint):
     raise CommandError(f"size mismatch for {key!r}: the adapter needs shape {expected} {how}, "
                        f"found shape {tuple(weight.shape)}{hint}")
@@ -83,7 +96,6 @@ def run(args):
         raise CommandError("OUT must differ from BASE and ADAPTER")
     adapter, _ = read_adapter(args.adapter, args)
     require_plain(adapter, args.adapter, "lorac merge")
-    require_no_dora(adapter, args.adapter, "lorac merge")
     if not adapter.layers:
         raise CommandError(f"{args.adapter}: no LoRA tensors to merge")
     require_alpha(adapter, args.adapter)
@@ -128,6 +140,8 @@ def run(args):
         a = layer.lora_A.astype(weight.dtype, copy=False)
         b = layer.lora_B.astype(weight.dtype, copy=False)
         _C.linear_merge(weight, a, b, layer.scaling, transposed)
+        if layer.magnitude is not None:
+            _dora_rescale(weight, layer.magnitude, transposed)
 
     metadata = None
     if not args.output.lower().endswith(".npz") and checkpoint.detect_format(args.base) == "safetensors":

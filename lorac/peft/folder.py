@@ -10,6 +10,14 @@ PeftFolderError naming it.
 Writing creates the folder if needed and writes ``adapter_model.safetensors``
 (metadata ``{"format": "pt"}``, as PEFT does) and then
 ``adapter_config.json``, each atomically.
+
+adapter_config.json has one ``fan_in_fan_out`` for all layers.  When the
+saved Linear layers store their weights both ways, the weights file's
+metadata also holds ``LAYOUT_KEY``: a JSON object mapping each layer whose
+layout differs from the config's to its own fan_in_fan_out, so that what
+reads the folder back (``lorac merge`` into a base checkpoint above all)
+knows each layer's layout.  PEFT ignores the entry (and needs none: lora_A
+and lora_B do not depend on the layout).
 """
 
 import json
@@ -24,6 +32,7 @@ from .config import CONFIG_NAME, build_config, parse_config
 from .keys import UnsupportedKeyError, lorac_key, parse_key, peft_key, peft_magnitude_key
 
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+LAYOUT_KEY = "lorac_fan_in_fan_out"   # weights-file metadata: {layer path: fan_in_fan_out} (module docstring)
 MAX_CONFIG_BYTES = 16 * 2**20
 
 
@@ -139,8 +148,28 @@ def read_peft_folder(path, adapter_name=None):
         adapter.layers[path] = LayerAdapter(
             a, b, kind=a_kind, lora_alpha=config.alpha_for(path), use_rslora=config.use_rslora,
             fan_in_fan_out=config.fan_in_fan_out if a_kind == "linear" else False, keys=(a_key, b_key))
+    _apply_layouts(adapter, checkpoint.read_metadata(source).get(LAYOUT_KEY), source)
     _attach_magnitudes(adapter, magnitudes, config, source)
     return adapter, config
+
+
+def _apply_layouts(adapter, text, source):
+    """Per-layer fan_in_fan_out from the weights file's LAYOUT_KEY entry (None: none), checked."""
+    if text is None:
+        return
+    try:
+        layouts = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise PeftFolderError(f"{source}: metadata {LAYOUT_KEY!r} is not valid JSON: {exc}") from None
+    if not isinstance(layouts, dict) or not all(isinstance(v, bool) for v in layouts.values()):
+        raise PeftFolderError(f"{source}: metadata {LAYOUT_KEY!r} must map layer paths to true / false, got "
+                              f"{text[:80]!r}")
+    for path, transposed in layouts.items():
+        layer = adapter.layers.get(path)
+        if layer is None or layer.kind != "linear":
+            raise PeftFolderError(f"{source}: metadata {LAYOUT_KEY!r} names {path!r}, which is not a Linear "
+                                  "LoRA layer of the file")
+        layer.fan_in_fan_out = transposed
 
 
 def _attach_magnitudes(adapter, magnitudes, config, source):
@@ -194,8 +223,14 @@ def write_peft_folder(adapter, path, base_model_name_or_path=None, bias="none", 
         kind = layer.kind or "linear"
         tensors[peft_key(path_, "lora_A", kind)] = layer.lora_A
         tensors[peft_key(path_, "lora_B", kind)] = layer.lora_B
+    metadata = {"format": "pt"}
+    layouts = {p: bool(layer.fan_in_fan_out) for p, layer in layers.items()
+               if layer.kind != "embedding" and layer.fan_in_fan_out is not None
+               and bool(layer.fan_in_fan_out) != config["fan_in_fan_out"]}
+    if layouts:
+        metadata[LAYOUT_KEY] = json.dumps(layouts, sort_keys=True)
     os.makedirs(path, exist_ok=True)
-    checkpoint.save(tensors, os.path.join(path, WEIGHT_NAMES[0]), metadata={"format": "pt"})
+    checkpoint.save(tensors, os.path.join(path, WEIGHT_NAMES[0]), metadata=metadata)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     with atomic_write(os.path.join(path, CONFIG_NAME)) as fh:
         fh.write(text.encode("utf-8"))
