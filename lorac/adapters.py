@@ -510,6 +510,10 @@ def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, st
     halves, unexpected = {}, []
     for key, value in state.items():
         lpath, _, param = key.rpartition(".")
+        if param == "lora_magnitude_vector":
+            raise ValueError(f"load_adapter: {path}: {key!r} is a DoRA magnitude: the file holds a DoRA adapter, "
+                             "which named adapters cannot take; load it with model.load_state_dict(..., "
+                             "strict=False) into DoRA layers (lorac.inject_lora(..., use_dora=True))")
         if param in ("lora_A", "lora_B") and lpath in layers:
             halves.setdefault(lpath, {})[param] = (key, np.asarray(value))
         else:

@@ -48,7 +48,8 @@ def lora_state_dict(model, bias="none", adapter=None):
     as ``lora_A_<name>`` / ``lora_B_<name>``), or a name: that adapter alone
     under loralib's plain keys ``<layer>.lora_A`` / ``<layer>.lora_B``, from
     the layers holding it -- a loralib-compatible file that
-    ``lorac.load_adapter`` can load into any named adapter."""
+    ``lorac.load_adapter`` can load into any named adapter.  A DoRA layer's
+    adapter ("default") also gives ``<layer>.lora_magnitude_vector``."""
     _check_bias_mode(bias)
     if adapter is not None:
         return _one_adapter_state_dict(model, bias, adapter)
@@ -80,6 +81,8 @@ def _one_adapter_state_dict(model, bias, adapter):
         lora_a, lora_b = module.adapter_parameters(adapter)
         out[prefix + "lora_A"] = lora_a.data
         out[prefix + "lora_B"] = lora_b.data
+        if module.use_dora:   # a DoRA layer's one adapter: its magnitude belongs to it
+            out[prefix + "lora_magnitude_vector"] = module.lora_magnitude_vector.data
         if bias == "lora_only" and prefix + "bias" in state:
             out[prefix + "bias"] = state[prefix + "bias"]
     if not out:

@@ -360,3 +360,26 @@ def test_a_bad_magnitude_vector_is_refused_in_folders_and_files(tmp_path, bad):
     state["0.lora_magnitude_vector"] = bad
     with pytest.raises(AdapterError, match=r"'0.lora_magnitude_vector' must be a 1-D float tensor"):
         from_lorac_state(state, lora_alpha=1)
+
+
+@pytest.mark.parametrize("make, make_plain", [(merged_layer, lambda: lorac.Linear(6, 5, r=2)),
+                                              (merged_embedding, lambda: lorac.Embedding(9, 4, r=2))],
+                         ids=["DoRALinear", "DoRAEmbedding"])
+def test_save_adapter_keeps_the_magnitude_and_load_adapter_refuses_it(tmp_path, make, make_plain):
+    rng = np.random.default_rng(6)
+    model = lorac.Sequential(make(rng).train())
+    path = tmp_path / "dora.safetensors"
+    lorac.save_adapter(model, path)
+    saved = lorac.load(path)
+    assert set(saved) == {"0.lora_A", "0.lora_B", "0.lora_magnitude_vector"}
+    fresh = lorac.Sequential(make(np.random.default_rng(7)).train())
+    fresh.load_state_dict(saved, strict=False)
+    for key, value in lorac.lora_state_dict(model).items():
+        np.testing.assert_array_equal(fresh.state_dict()[key], value, err_msg=key)
+    plain = lorac.Sequential(make_plain())
+    before = {k: v.copy() for k, v in plain.state_dict().items()}
+    with pytest.raises(ValueError, match="'0.lora_magnitude_vector' is a DoRA magnitude"):
+        lorac.load_adapter(plain, path, "other", strict=False)
+    assert plain[0].adapter_names == ("default",)
+    for key, value in plain.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
