@@ -86,6 +86,17 @@ def test_info_on_lorac_file(capsys, files):
     assert "adapter: 50 parameters, 200 bytes" in out
 
 
+def test_info_counts_dora_magnitudes(capsys, tmp_path):
+    model = lorac.Sequential(lorac.DoRAEmbedding(10, 4, r=2, rng=0), lorac.DoRALinear(4, 3, r=2, rng=0))
+    lorac.save_adapter(model, tmp_path / "dora.safetensors")
+    lorac.save_peft_adapter(model, tmp_path / "peft")
+    for source in (tmp_path / "dora.safetensors", tmp_path / "peft"):
+        code, out, _ = run(capsys, "info", source)
+        assert code == 0
+        assert "0      embedding  2  10  4    32      1           0.5      DoRA" in out   # 20 + 8 + 4 magnitudes
+        assert "adapter: 49 parameters, 196 bytes" in out
+
+
 def test_info_on_peft_folder_and_npz(capsys, files):
     tmp, _, _ = files
     code, out, _ = run(capsys, "info", tmp / "peft")

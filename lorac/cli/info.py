@@ -63,7 +63,8 @@ def tensor_table(path):
 
 
 def _layer_of(key):
-    """(module path, "lora_A"/"lora_B", kind or None) for adapter keys in lorac or PEFT form."""
+    """(module path, "lora_A"/"lora_B"/"lora_magnitude_vector", kind or None) for adapter keys in
+    lorac or PEFT form (a magnitude's kind is "dora")."""
     path, _, param = key.rpartition(".")
     if param in ("lora_A", "lora_B"):
         return path, param, None
@@ -77,11 +78,14 @@ def _layer_of(key):
 
 
 def lora_layers(rows):
-    """{path: dict(kind, r, in, out, params, bytes, note)} from the tensor table."""
-    halves = {}
+    """{path: dict(kind, r, in, out, params, bytes, note)} from the tensor table; a DoRA
+    magnitude counts in its layer's params and bytes."""
+    halves, magnitudes = {}, {}
     for key, shape, _, nbytes in rows:
         found = _layer_of(key)
-        if found is not None and len(shape) == 2:
+        if found is not None and found[2] == "dora" and len(shape) == 1:
+            magnitudes[found[0]] = (shape[0], nbytes)
+        elif found is not None and len(shape) == 2:
             path, param, kind = found
             halves.setdefault(path, {"kind": kind})[param] = (shape, nbytes)
     layers = {}
@@ -94,8 +98,12 @@ def lora_layers(rows):
             r = b_shape[1]
             groups = a_shape[0] // r if r and a_shape[0] % r == 0 else None
             note = f"MergedLinear, {groups} enabled groups" if groups else "ranks of lora_A and lora_B differ"
+        params, nbytes = math.prod(a_shape) + math.prod(b_shape), a_bytes + b_bytes
+        if path in magnitudes:
+            params, nbytes = params + magnitudes[path][0], nbytes + magnitudes[path][1]
+            note = "DoRA" + ("; " + note if note else "")
         layers[path] = {"kind": h["kind"], "r": r, "in": a_shape[1], "out": b_shape[0],
-                        "params": math.prod(a_shape) + math.prod(b_shape), "bytes": a_bytes + b_bytes, "note": note}
+                        "params": params, "bytes": nbytes, "note": note}
     return layers
 
 
