@@ -302,19 +302,26 @@ class LoaderTargets:
     def __init__(self, folder):
         self.folder = folder
         self.seeds = _seed_files(folder)
-        self.model, self.peft_seed = self._peft_seed()
+        self.model = lorac_model()
+        self.peft_seeds = [self._peft_seed("plain"), self._peft_seed("dora")]
 
-    def _peft_seed(self):
+    def _peft_seed(self, kind):
+        """The files of a PEFT folder: plain LoRA on layer 0, or DoRA on both layers stored
+        both ways (a magnitude per layer and the weights file's layout metadata)."""
         import lorac
-        model = lorac.Sequential(lorac.Linear(4, 3, r=2), lorac.Linear(3, 2))
+        if kind == "dora":
+            model = lorac.Sequential(lorac.Linear(4, 3, fan_in_fan_out=True), lorac.Linear(3, 2))
+            lorac.inject_lora(model, ["0", "1"], r=2, use_dora=True, fan_in_fan_out=None)
+        else:
+            model = lorac.Sequential(lorac.Linear(4, 3, r=2), lorac.Linear(3, 2))
         model[0].lora_B.data[...] = 0.5
-        seed = os.path.join(self.folder, "peft_seed")
+        seed = os.path.join(self.folder, "peft_seed_" + kind)
         lorac.save_peft_adapter(model, seed)
         files = {}
         for name in os.listdir(seed):
             with open(os.path.join(seed, name), "rb") as fh:
                 files[name] = fh.read()
-        return lorac.Sequential(lorac.Linear(4, 3, r=2), lorac.Linear(3, 2)), files
+        return files
 
     def checkpoint(self, r):
         from lorac import checkpoint
@@ -331,7 +338,7 @@ class LoaderTargets:
         import lorac
         folder = os.path.join(self.folder, "peft")
         os.makedirs(folder, exist_ok=True)
-        for name, blob in self.peft_seed.items():
+        for name, blob in r.choice(self.peft_seeds).items():
             if name.endswith(".json") and r.bool():
                 config = json.loads(blob)
                 for _ in range(r.int(1, 3)):
@@ -356,7 +363,13 @@ class LoaderTargets:
                 "a failed load_peft_adapter changed the model's parameters"
             return
         self.model(np.ones((2, 4), np.float32))  # what loaded must run
-        self.model = self.model.__class__(lorac.Linear(4, 3, r=2), lorac.Linear(3, 2))
+        self.model = lorac_model()
+
+
+def lorac_model():
+    """The model the fuzzed PEFT folders load into."""
+    import lorac
+    return lorac.Sequential(lorac.Linear(4, 3, r=2), lorac.Linear(3, 2))
 
 
 def random_json(r, depth=0):
