@@ -13,6 +13,8 @@ lorac.get_num_threads()), medians of interleaved repeats:
                  on a torch Linear, in = out = d, r = 16 (bias frozen in
                  both, as PEFT freezes it; eval merges in both); no target,
                  reported for the record
+  DoRAEmbedding  lorac.DoRAEmbedding against PEFT's use_dora on a torch
+                 Embedding, Embedding's sizes; no target, reported
 
 at small (N = 1, d = 256) and large (N = 256, d = 4096) sizes, in three modes:
 
@@ -35,7 +37,7 @@ Ratios are lorac / torch (below 1: lorac faster).  Targets: training step
 (train mode) at least 2x faster than loralib's, i.e. fwd ratio <= 0.5.
 
     python benchmarks/bench_vs_torch.py [--threads T] [--quick | --sizes small large]
-        [--layers Linear Embedding MergedLinear] [--repeats R] [--gap S] [--json out.json]
+        [--layers Linear Embedding MergedLinear DoRA DoRAEmbedding] [--repeats R] [--gap S] [--json out.json]
 """
 
 import argparse
@@ -120,8 +122,25 @@ def make_dora(n, d):
         (n, d)
 
 
-LAYERS = {"Linear": make_linear, "Embedding": make_embedding, "MergedLinear": make_merged_linear, "DoRA": make_dora}
-PEFT_NAMES = ((".default.weight", ""), (".default", ""), ("base_layer.", ""))  # PEFT key -> lorac key
+def make_dora_embedding(n, d):
+    import warnings
+
+    import peft
+    base = torch.nn.Sequential(torch.nn.Embedding(VOCAB, d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.get_peft_model(base, peft.LoraConfig(target_modules=["0"], r=R, lora_alpha=ALPHA,
+                                                            use_dora=True))
+    ours = lorac.DoRAEmbedding(VOCAB, d, r=R, lora_alpha=ALPHA, rng=0)
+    idx = np.random.default_rng(0).integers(0, VOCAB, size=n)
+    return wrapped.base_model.model[0], ours, dict(in_=VOCAB, out=d), idx, (n, d)
+
+
+LAYERS = {"Linear": make_linear, "Embedding": make_embedding, "MergedLinear": make_merged_linear, "DoRA": make_dora,
+          "DoRAEmbedding": make_dora_embedding}
+INDEX_INPUTS = ("Embedding", "DoRAEmbedding")
+PEFT_NAMES = ((".default.weight", ""), (".default", ""), ("base_layer.", ""),   # PEFT key -> lorac key
+              ("lora_embedding_A", "lora_A"), ("lora_embedding_B", "lora_B"))
 
 
 def lorac_key(torch_key):
@@ -140,7 +159,7 @@ def twin(name, n, d):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
     ours.load_state_dict({lorac_key(k): v.numpy() for k, v in theirs.state_dict().items()})
     g = np.random.default_rng(1).standard_normal(out_shape).astype(np.float32)
-    if name == "Embedding":
+    if name in INDEX_INPUTS:
         x_ours, x_theirs = x.astype(np.int64), torch.from_numpy(x.astype(np.int64))
     else:
         x_ours = x.astype(np.float32)
@@ -171,7 +190,7 @@ def bench_row(name, size, repeats, gap):
                              repeats, gap)
     theirs.eval()
     ours.eval()
-    if name == "DoRA":
+    if name.startswith("DoRA"):
         theirs.merge()   # PEFT merges on request, not on eval()
     x_eval = x_t.detach()
 
@@ -190,7 +209,7 @@ def bench_row(name, size, repeats, gap):
 def check_targets(rows):
     failures = []
     for row in rows:
-        if row["layer"] == "DoRA":
+        if row["layer"].startswith("DoRA"):
             continue
         tag = f"{row['layer']} {row['size']} (N={row['N']}, in={row['in']}, out={row['out']})"
         limit = 0.5 if row["size"] == "small" else 0.9
