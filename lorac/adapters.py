@@ -93,8 +93,9 @@ def add_adapter(model, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False
 
     target_modules: None -- every LoRA layer that already holds an adapter
     (the layers adapted so far) --, or PEFT's rule (a regex on the whole
-    module path, or a list of names matching a path or its last components),
-    which may also pick plain layers (r = 0): their weight is then frozen.
+    module path, or a list of names matching a path or its last components,
+    or "all-linear": every Linear / MergedLinear layer), which may also pick
+    plain layers (r = 0): their weight is then frozen.
     exclude_modules, rank_pattern, alpha_pattern, layers_to_transform,
     layers_pattern: PEFT's LoraConfig fields, as ``lorac.inject_lora``
     takes them (the last two need target_modules).
@@ -110,8 +111,10 @@ def add_adapter(model, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False
     if name == DEFAULT:
         raise ValueError(f"add_adapter: {DEFAULT!r} is the layers' constructor adapter; use another name "
                          "(or lorac.inject_lora for plain layers)")
-    from .peft.select import compile_exclusion, compile_selector, per_layer_settings
+    from .peft.select import compile_exclusion, compile_selector, expand_all_linear, per_layer_settings
     layers = adapter_layers(model)
+    linear = [p for p, m in layers if p and m._adapter_geometry()[3] == "linear"]
+    target_modules = expand_all_linear(target_modules, linear, "add_adapter", layers_to_transform, layers_pattern)
     if target_modules is None:
         if layers_to_transform is not None or layers_pattern:
             raise ValueError("add_adapter: layers_to_transform / layers_pattern need target_modules")
@@ -596,8 +599,9 @@ def mixed_batch_call(model, args, kwargs):
                          f"of shape {tuple(shape)}; give one per row of the input's first axis")
     for path, layer in layers:
         if layer.training:
-            raise RuntimeError(f"{func}: a mixed batch is for inference only, but layer {path or type(layer).__name__!r} "
-                               "is in training mode; call model.eval() first")
+            name = path or type(layer).__name__
+            raise RuntimeError(f"{func}: a mixed batch is for inference only, but layer {name!r} is in training "
+                               "mode; call model.eval() first")
         if layer.merged_adapters:
             raise RuntimeError(f"{func}: layer {path or type(layer).__name__!r} has adapters "
                                f"{list(layer.merged_adapters)} merged into its weight; a mixed batch needs unmerged "

@@ -46,6 +46,8 @@ def adapted(model):
     (r"layers\.\d\.(q|v)", ["layers.0.q", "layers.0.v", "layers.1.q", "layers.1.v"]),
     (r"emb|head", ["emb", "head"]),
     (("v",), ["layers.0.v", "layers.1.v"]),
+    ("all-linear", ["head", "layers.0.q", "layers.0.v", "layers.1.q", "layers.1.v"]),   # PEFT's shorthand
+    ("All-Linear", ["head", "layers.0.q", "layers.0.v", "layers.1.q", "layers.1.v"]),
 ])
 def test_matching_rules(targets, expected):
     net = Net()
@@ -140,6 +142,7 @@ def test_same_seed_same_adapter():
     (["q"], {"init": "nope"}, ValueError, "init must be one of"),
     (["q"], {"init_std": 0.1}, ValueError, "std applies to init='gaussian'"),
     (["q", "v"], {"init": "pissa", "alpha_pattern": {"v": 0}}, ValueError, "init='pissa' needs scaling"),
+    ("all-linear", {"layers_to_transform": [0]}, ValueError, "cannot be used with target_modules 'all-linear'"),
 ])
 def test_bad_input_leaves_the_model_unchanged(targets, kwargs, error, match):
     net = Net()
@@ -151,6 +154,16 @@ def test_bad_input_leaves_the_model_unchanged(targets, kwargs, error, match):
     assert list(net.modules()) == modules and adapted(net) == []
     for key, value in net.state_dict().items():
         np.testing.assert_array_equal(value, state[key], err_msg=key)
+
+
+def test_all_linear_needs_a_linear_layer_and_works_in_add_adapter():
+    with pytest.raises(ValueError, match="'all-linear': the model has no Linear layer to adapt"):
+        lorac.inject_lora(lorac.Sequential(lorac.Embedding(5, 3)), "all-linear", r=2)
+    net = lorac.inject_lora(Net(), "all-linear", r=2, exclude_modules=["head"])
+    lorac.inject_lora(net, ["emb"], r=2)
+    lorac.add_adapter(net, "x", r=3, target_modules="all-linear")
+    assert [p for p, m in net.named_modules() if "x" in getattr(m, "adapter_names", ())] == [
+        "layers.0.q", "layers.0.v", "layers.1.q", "layers.1.v", "head"]
 
 
 def test_exclude_layers_and_patterns():

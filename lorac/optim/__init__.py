@@ -24,5 +24,5 @@ from .optimizer import Optimizer
 from .sgd import SGD
 from .warmup import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "create_loraplus_optimizer", "lr_scheduler", "get_constant_schedule_with_warmup",
-           "get_linear_schedule_with_warmup", "get_cosine_schedule_with_warmup"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "create_loraplus_optimizer", "lr_scheduler",
+           "get_constant_schedule_with_warmup", "get_linear_schedule_with_warmup", "get_cosine_schedule_with_warmup"]

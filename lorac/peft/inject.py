@@ -6,7 +6,7 @@ import warnings
 from .._arrays import as_generator, non_negative_int, probability, real_number
 from ..layers._lora_init import check_init
 from ..module import Module
-from .select import compile_selector, per_layer_settings
+from .select import compile_selector, expand_all_linear, per_layer_settings
 from .targets import build_layer, describe, layer_kind, swap_layer
 
 
@@ -28,7 +28,9 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
 
     target_modules: a regex str that must match a module's whole dotted path
         (``named_modules()`` names), or a list of names, each matching a
-        path equal to it or ending in ``"." + name``.
+        path equal to it or ending in ``"." + name``, or ``"all-linear"``
+        (PEFT's shorthand: every Linear layer, an output head included, as
+        PEFT does for models that are not transformers models).
     r: the rank (>= 1).  lora_alpha: scaling = lora_alpha / r (loralib's
         default 1), or lora_alpha / sqrt(r) with ``use_rslora``.
     lora_dropout: dropout on the input of Linear adapters (Embedding has none).
@@ -61,6 +63,10 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
     func = "inject_lora"
     if not isinstance(model, Module):
         raise TypeError(f"{func}: model must be a lorac.Module, got {type(model).__name__}")
+    modules = dict(model.named_modules())
+    target_modules = expand_all_linear(target_modules, [p for p, m in modules.items()
+                                                        if p and layer_kind(m) == "linear"], func,
+                                       layers_to_transform, layers_pattern)
     selected = compile_selector(target_modules, exclude_modules, layers_to_transform, layers_pattern)
     r = non_negative_int(r, "r")
     if r == 0:
@@ -75,7 +81,6 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
     spec = check_init(init, init_std, func)
     rng = as_generator(rng)
 
-    modules = dict(model.named_modules())
     chosen = []
     for path, module in modules.items():
         if not path or not selected(path):

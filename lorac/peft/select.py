@@ -6,7 +6,10 @@ lorac as in PEFT:
 
 - ``target_modules``: a str is a regular expression that must match a
   module's whole dotted path; a list of names matches a path equal to a name
-  or ending in ``"." + name``.
+  or ending in ``"." + name``.  ``"all-linear"`` (any case) stands for the
+  list of every Linear layer's path (``expand_all_linear``; PEFT's shorthand,
+  with PEFT's rule for models that are not transformers models: no output
+  head is left out -- exclude one with exclude_modules).
 - ``exclude_modules``: the same forms; an excluded path never gets an
   adapter.  None or empty: nothing is excluded.
 - ``layers_to_transform`` (an int or a list of ints), only with a list of
@@ -26,6 +29,24 @@ import re
 import warnings
 
 from .._arrays import non_negative_int, real_number
+
+
+ALL_LINEAR = "all-linear"
+
+
+def expand_all_linear(target_modules, linear_paths, func, layers_to_transform=None, layers_pattern=None):
+    """target_modules, or for PEFT's ``"all-linear"`` the list of ``linear_paths``
+    (the model's Linear layers).  ValueError if there are none, or with
+    layers_to_transform / layers_pattern (a str target_modules: PEFT's
+    LoraConfig refuses the combination)."""
+    if not (isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR):
+        return target_modules
+    if layers_to_transform is not None or layers_pattern is not None:
+        raise ValueError(f"{func}: layers_to_transform / layers_pattern cannot be used with target_modules "
+                         f"{target_modules!r} (a str; PEFT refuses the combination too)")
+    if not linear_paths:
+        raise ValueError(f"{func}: target_modules {target_modules!r}: the model has no Linear layer to adapt")
+    return list(linear_paths)
 
 
 def compile_matcher(target_modules, name="target_modules"):

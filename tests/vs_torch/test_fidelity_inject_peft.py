@@ -122,6 +122,9 @@ CONFIGS = {
                                     alpha_pattern={"v_proj": 32, "down_proj": 3}),
     "first pattern wins": dict(target_modules=["q_proj", "k_proj"], rank_pattern={".*_proj": 2, "q_proj": 5}),
     "rslora": dict(target_modules=["q_proj", "up_proj"], use_rslora=True, rank_pattern={"up_proj": 6}),
+    "all-linear": dict(target_modules="all-linear"),
+    "all-linear with exclusions and patterns": dict(target_modules="ALL-LINEAR", exclude_modules=["lm_head", "o_proj"],
+                                                   rank_pattern={r"layers\.1\..*": 5}),
 }
 
 
