@@ -481,7 +481,9 @@ def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, st
 
     The file holds ``<layer>.lora_A`` / ``<layer>.lora_B`` (what
     ``save_adapter`` or ``lora_state_dict(model, adapter=...)`` write, or a
-    loralib checkpoint).  Per layer: if it holds the adapter with the same
+    loralib checkpoint); ``path`` may also be a PEFT adapter folder (PEFT's
+    ``load_adapter(folder, adapter_name)``), its ranks, alphas and rsLoRA
+    taken from adapter_config.json.  Per layer: if it holds the adapter with the same
     shapes, the arrays are copied in place (hot swap: no reallocation; a
     merged adapter is unmerged with its old values and merged with the new
     ones, an unmerged one leaves the base weight alone); another rank gets new
@@ -494,7 +496,7 @@ def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, st
     holding the adapter that the file does not cover (``missing_keys``) raise
     StateDictKeyError; strict=False loads what matches.  Everything is checked
     before the model changes.  Returns IncompatibleKeys(missing, unexpected)."""
-    from .peft.adapter import _layer_records, _parse_bool, _parse_number
+    from .peft.adapter import _parse_number
     if not isinstance(adapter_name, str):
         raise TypeError(f"load_adapter: adapter_name must be a str, got {type(adapter_name).__name__}")
     if adapter_name != DEFAULT:
@@ -503,11 +505,7 @@ def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, st
         lora_alpha = real_number(lora_alpha, "lora_alpha")
     if use_rslora is not None and not isinstance(use_rslora, bool):
         raise TypeError(f"load_adapter: use_rslora must be a bool or None, got {type(use_rslora).__name__}")
-    state = checkpoint.load(path)
-    meta = checkpoint.read_metadata(path)
-    records = _layer_records(meta, path)
-    g_alpha = _parse_number(meta["lora_alpha"], "lora_alpha", path) if "lora_alpha" in meta else None
-    g_rslora = _parse_bool(meta["use_rslora"], "use_rslora", path) if "use_rslora" in meta else None
+    state, records, g_alpha, g_rslora = _adapter_file(path)
 
     layers = dict(adapter_layers(model))
     halves, unexpected = {}, []
@@ -571,6 +569,31 @@ def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, st
             layer.add_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
         layer._replace_adapter(adapter_name, a, b, config)
     return IncompatibleKeys(missing, unexpected)
+
+
+def _adapter_file(path):
+    """(state, per-layer records, file-wide lora_alpha, use_rslora) of a lorac / loralib adapter
+    file (its metadata: lorac.peft.adapter's format) or of a PEFT adapter folder."""
+    from .peft.adapter import _layer_records, _parse_bool, _parse_number
+    from .peft.folder import is_peft_folder, read_peft_folder
+    from .peft.keys import lorac_key
+    if not is_peft_folder(path):
+        meta = checkpoint.read_metadata(path)
+        g_alpha = _parse_number(meta["lora_alpha"], "lora_alpha", path) if "lora_alpha" in meta else None
+        g_rslora = _parse_bool(meta["use_rslora"], "use_rslora", path) if "use_rslora" in meta else None
+        return checkpoint.load(path), _layer_records(meta, path), g_alpha, g_rslora
+    adapter, _ = read_peft_folder(path)
+    if adapter.extra:
+        raise ValueError(f"load_adapter: {path}: the folder also holds {next(iter(adapter.extra))!r} (bias / "
+                         "modules_to_save), which a named adapter cannot hold; load it with "
+                         "lorac.load_peft_adapter")
+    state, records = {}, {}
+    for lpath, layer in adapter.layers.items():
+        state[lorac_key(lpath, "lora_A")], state[lorac_key(lpath, "lora_B")] = layer.lora_A, layer.lora_B
+        if layer.magnitude is not None:
+            state[lorac_key(lpath, "lora_magnitude_vector")] = layer.magnitude
+        records[lpath] = {"lora_alpha": layer.lora_alpha, "use_rslora": layer.use_rslora}
+    return state, records, None, None
 
 
 # -- mixed batches ------------------------------------------------------------------------

@@ -590,3 +590,33 @@ def test_hostile_adapter_model_bin_runs_nothing(tmp_path):
 def test_root_lora_layer_cannot_be_a_peft_target(tmp_path):
     with pytest.raises(ValueError, match="the model itself is a LoRA Linear"):
         lorac.save_peft_adapter(lorac.Linear(3, 2, r=1), tmp_path / "out")
+
+
+def test_named_adapters_as_peft_folders(tmp_path, rng):
+    """save_peft_adapter(adapter_name=) writes one named adapter; load_adapter takes a PEFT folder into a
+    named adapter, refusing what a named adapter cannot hold (trained biases, DoRA magnitudes)."""
+    net = EmbedNet()
+    lorac.inject_lora(net, ["emb", "fc"], r=2, lora_alpha=4, rng=0)
+    lorac.add_adapter(net, "x", r=3, lora_alpha=5, use_rslora=True, init=False, rng=1)
+    config = lorac.save_peft_adapter(net, tmp_path / "x", adapter_name="x")
+    assert config["r"] == 3 and config["use_rslora"] is True
+    twin = lorac.inject_lora(EmbedNet(), ["emb", "fc"], r=2, lora_alpha=4, rng=5)
+    twin.load_state_dict({k: v for k, v in net.state_dict().items() if not k.endswith("_x")})
+    lorac.load_adapter(twin, tmp_path / "x", "x")
+    lorac.set_adapter(net, "x")
+    lorac.set_adapter(twin, "x")
+    assert_same(twin(IDX), net(IDX))
+    for kwargs, error, match in [(dict(adapter_name="nope"), ValueError, "no LoRA layer holding 'nope'"),
+                                 (dict(adapter_name=5), TypeError, "adapter_name must be a str")]:
+        with pytest.raises(error, match=match):
+            lorac.save_peft_adapter(net, tmp_path / "bad", **kwargs)
+    assert not (tmp_path / "bad").exists()
+    lorac.save_peft_adapter(net, tmp_path / "biased", bias="all")
+    with pytest.raises(ValueError, match="bias / modules_to_save"):
+        lorac.load_adapter(twin, tmp_path / "biased", "y")
+    dora = lorac.inject_lora(lorac.Sequential(lorac.Linear(6, 4, rng=0)), ["0"], r=2, use_dora=True)
+    lorac.save_peft_adapter(dora, tmp_path / "dora")
+    plain = lorac.inject_lora(lorac.Sequential(lorac.Linear(6, 4, rng=0)), ["0"], r=2)
+    with pytest.raises(ValueError, match="is a DoRA magnitude"):
+        lorac.load_adapter(plain, tmp_path / "dora", "y")
+    assert "y" not in twin.fc.adapter_names and plain[0].adapter_names == ("default",)

@@ -12,11 +12,14 @@ from .keys import lorac_key, peft_key, peft_module_key
 from .targets import layer_kind
 
 
-def adapter_from_model(model):
-    """Adapter holding copies of the lora_A / lora_B of every lorac.Linear and
-    lorac.Embedding with r > 0 (other LoRA layer kinds raise ValueError)."""
+def adapter_from_model(model, adapter_name="default"):
+    """Adapter holding copies of the lora_A / lora_B of adapter ``adapter_name``
+    of every lorac.Linear and lorac.Embedding holding it (other LoRA layer
+    kinds raise ValueError)."""
     if not isinstance(model, Module):
         raise TypeError(f"expected a lorac.Module, got {type(model).__name__}")
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be a str, got {type(adapter_name).__name__}")
     adapter = Adapter()
     dropouts = []
     for path, module in model.named_modules():
@@ -26,18 +29,20 @@ def adapter_from_model(model):
                 raise ValueError(f"{path!r} is a {type(module).__name__} with a LoRA adapter; PEFT adapters "
                                  "can only hold lorac.Linear and lorac.Embedding layers")
             continue
-        if module.r == 0:
+        if adapter_name not in module.adapter_names:
             continue
         if not path:
             raise ValueError(f"the model itself is a LoRA {type(module).__name__}; PEFT adapts child modules "
                              "only (wrap it, e.g. lorac.Sequential(layer))")
+        lora_a, lora_b = module.adapter_parameters(adapter_name)
+        config = module.adapter_config(adapter_name)
         adapter.layers[path] = LayerAdapter(
-            module.lora_A.data.copy(), module.lora_B.data.copy(), kind=kind, lora_alpha=module.lora_alpha,
-            use_rslora=module.use_rslora, fan_in_fan_out=getattr(module, "fan_in_fan_out", False),
+            lora_a.data.copy(), lora_b.data.copy(), kind=kind, lora_alpha=config.lora_alpha,
+            use_rslora=config.use_rslora, fan_in_fan_out=getattr(module, "fan_in_fan_out", False),
             keys=(lorac_key(path, "lora_A"), lorac_key(path, "lora_B")),
             magnitude=module.lora_magnitude_vector.data.copy() if module.use_dora else None)
         if kind == "linear":
-            dropouts.append(module.lora_dropout)
+            dropouts.append(config.lora_dropout)
     if dropouts:
         adapter.lora_dropout = Counter(dropouts).most_common(1)[0][0]
     return adapter
@@ -46,8 +51,10 @@ def adapter_from_model(model):
 BIAS_MODES = ("none", "all", "lora_only")
 
 
-def save_peft_adapter(model, path, base_model_name_or_path=None, *, bias="none", modules_to_save=None):
-    """Write the model's LoRA adapters as a PEFT adapter folder at ``path``.
+def save_peft_adapter(model, path, base_model_name_or_path=None, *, bias="none", modules_to_save=None,
+                      adapter_name="default"):
+    """Write the model's LoRA adapter ``adapter_name`` (default: loralib's
+    lora_A / lora_B) as a PEFT adapter folder at ``path``.
 
     The folder (created if needed) gets ``adapter_model.safetensors`` with
     PEFT's keys (``base_model.model.<path>.lora_A.weight``, ...,
@@ -79,9 +86,10 @@ def save_peft_adapter(model, path, base_model_name_or_path=None, *, bias="none",
     the biases are the same).  Raises ValueError if the model has no LoRA
     layer or for a bad argument.  Returns the config dict written.
     """
-    adapter = adapter_from_model(model)
+    adapter = adapter_from_model(model, adapter_name)
     if not adapter.layers:
-        raise ValueError(f"save_peft_adapter: {type(model).__name__} has no LoRA layer (r > 0) to save")
+        what = "no LoRA layer (r > 0)" if adapter_name == "default" else f"no LoRA layer holding {adapter_name!r}"
+        raise ValueError(f"save_peft_adapter: {type(model).__name__} has {what} to save")
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError("save_peft_adapter: base_model_name_or_path must be a str or None, got "
                         f"{type(base_model_name_or_path).__name__}")

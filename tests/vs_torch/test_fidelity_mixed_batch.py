@@ -107,3 +107,35 @@ def test_weighted_cat_matches_peft_for_positive_weights():
     with torch.no_grad():
         expected = pmodel(torch.from_numpy(idx)).numpy()
     np.testing.assert_allclose(ours(idx), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_named_adapters_move_between_peft_and_lorac_as_folders(tmp_path):
+    """PEFT's save_pretrained of several adapters -> lorac.load_adapter(folder, name) for each, and
+    lorac.save_peft_adapter(adapter_name=...) -> PEFT's load_adapter(folder, adapter_name): the same
+    mixed batch and the same per-adapter outputs."""
+    import warnings
+
+    pmodel, ours = twins()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pmodel.save_pretrained(str(tmp_path / "peft"))   # default in peft/, the others in peft/<name>/
+    fresh = LNet().eval()
+    fresh.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.endswith(("_t1", "_t2"))})
+    for name in ADAPTERS:
+        lorac.load_adapter(fresh, tmp_path / "peft" / name, name)
+    idx = np.random.default_rng(3).integers(0, 11, (6,))
+    names = ["t1", "t2", "__base__", "default", "t2", "t1"]
+    with torch.no_grad():
+        expected = pmodel(torch.from_numpy(idx), adapter_names=names).numpy()
+    np.testing.assert_allclose(fresh(idx, adapter_names=names), expected, rtol=1e-10, atol=1e-10)
+
+    for name in ADAPTERS:
+        lorac.save_peft_adapter(ours, tmp_path / f"ours_{name}", adapter_name=name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pmodel.load_adapter(str(tmp_path / f"ours_{name}"), adapter_name=f"back_{name}")
+        pmodel.set_adapter(f"back_{name}")
+        lorac.set_adapter(ours, name)
+        with torch.no_grad():
+            expected = pmodel(torch.from_numpy(idx)).numpy()
+        np.testing.assert_allclose(ours(idx), expected, rtol=1e-10, atol=1e-10, err_msg=name)
