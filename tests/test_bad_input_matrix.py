@@ -689,6 +689,16 @@ def check_peft_bad_config(tmp):
         _load_refused(folder, ValueError, match)
 
 
+def check_peft_bad_layout_metadata(tmp):
+    folder = _peft_folder(tmp)
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    tensors = lorac.load(weights)
+    for text, match in (("{", "not valid JSON"), ('{"0": "yes"}', "must map layer paths to true / false"),
+                        ('{"1": true}', "not a Linear LoRA layer of the file")):
+        lorac.save(tensors, weights, metadata={"format": "pt", "lorac_fan_in_fan_out": text})
+        _load_refused(folder, ValueError, match)
+
+
 def check_peft_mismatch(tmp):
     model = lorac.Sequential(lorac.Linear(5, 3, r=2), lorac.Linear(3, 2))  # in_features 5, target has 4
     folder = os.path.join(tmp, "other")
@@ -796,9 +806,12 @@ ROWS = [
         check_checkpoint_not_a_file),
     Row("loaders", "load_peft_adapter: folder without adapter_config.json or weights, path that is no folder",
         "PeftFolderError (a ValueError); model unchanged", check_peft_missing_files),
-    Row("loaders", "adapter_config.json: invalid JSON, not an object, another peft_type, DoRA, r < 1, a bad "
-        "regex in rank_pattern", "PeftFolderError / PeftConfigError (ValueErrors) naming the field; model "
-        "unchanged", check_peft_bad_config),
+    Row("loaders", "adapter_config.json: invalid JSON, not an object, another peft_type, use_dora without "
+        "magnitude vectors, r < 1, a bad regex in rank_pattern", "PeftFolderError / PeftConfigError "
+        "(ValueErrors) naming the field; model unchanged", check_peft_bad_config),
+    Row("loaders", "weights-file layout metadata (lorac_fan_in_fan_out): not JSON, not a map of booleans, "
+        "naming no Linear layer of the file", "PeftFolderError naming the entry; model unchanged",
+        check_peft_bad_layout_metadata),
     Row("loaders", "adapter shapes that do not fit the model", "AdapterMismatchError (a ValueError); model "
         "unchanged", check_peft_mismatch),
     Row("loaders", "corrupt adapter_model.safetensors", "CheckpointError (a ValueError); model unchanged",
