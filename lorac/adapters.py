@@ -483,8 +483,8 @@ def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, st
     ``save_adapter`` or ``lora_state_dict(model, adapter=...)`` write, or a
     loralib checkpoint); ``path`` may also be a PEFT adapter folder (PEFT's
     ``load_adapter(folder, adapter_name)``), its ranks, alphas and rsLoRA
-    taken from adapter_config.json.  Per layer: if it holds the adapter with the same
-    shapes, the arrays are copied in place (hot swap: no reallocation; a
+    taken from adapter_config.json.  Per layer: if it holds the adapter
+    with the same shapes, the arrays are copied in place (hot swap: no reallocation; a
     merged adapter is unmerged with its old values and merged with the new
     ones, an unmerged one leaves the base weight alone); another rank gets new
     arrays; a layer without the adapter gets it (not active until

@@ -8,12 +8,16 @@ folder) the base tensor ``<path>.weight`` becomes
 
 with ``scaling = alpha / r`` (``alpha / sqrt(r)`` for rsLoRA), computed by
 lorac's C merge kernel (one GEMM per layer).  A DoRA layer (a
-``lora_magnitude_vector`` m) then has each row of the (out, in) view scaled
-by ``m / ||row||``, as ``lorac.DoRALinear`` / ``DoRAEmbedding`` and PEFT
-merge it (a row of norm 0 becomes 0, where PEFT gives NaN).  alpha, rsLoRA and the layout
-come from the adapter's metadata / adapter_config.json, or --alpha,
---rslora, --fan-in-fan-out; a layer whose alpha is unknown is an error.  When
-nothing records the layout it is taken from the shape when in != out;
+``lora_magnitude_vector`` m) then has each row of the (out, in) view
+scaled by ``m / ||row||``, as ``lorac.DoRALinear`` / ``DoRAEmbedding`` and
+PEFT merge it (a row of norm 0 becomes 0, where PEFT gives NaN).
+
+alpha, rsLoRA and the layout come from the adapter's metadata /
+adapter_config.json (and, for a PEFT folder whose layers store their
+weights both ways, its weights file's layout metadata: lorac.peft.folder),
+or --alpha, --rslora, --fan-in-fan-out; a layer whose alpha is unknown is
+an error.  When nothing records the layout it is taken from the shape when
+in != out;
 a square weight is then taken as (out, in) -- torch's nn.Linear, loralib's
 default -- unless another layer was found stored (in, out), which is an
 error asking for --fan-in-fan-out / --no-fan-in-fan-out.
