@@ -7,6 +7,9 @@
   model (see save.py).
 - ``inject_lora(model, target_modules, r, ...)``: LoRA on chosen plain
   layers, pretrained weights kept (see inject.py).
+- ``LoraConfig`` / ``get_peft_model(model, config)``: PEFT's one-call setup
+  (inject, freeze all but the adapters, remember the config; see
+  peft_model.py).
 - ``adapter_metadata(model)``: safetensors metadata recording the adapters'
   scaling for lorac files (see adapter.py).
 
@@ -20,10 +23,11 @@ from .config import PeftConfigError
 from .folder import PeftFolderError, is_peft_folder, read_peft_folder, write_peft_folder
 from .inject import inject_lora
 from .load import AdapterMismatchError, load_peft_adapter
+from .peft_model import LoraConfig, get_peft_model
 from .save import adapter_from_model, adapter_metadata, save_peft_adapter
 
 __all__ = [
-    "load_peft_adapter", "save_peft_adapter", "inject_lora", "adapter_metadata",
+    "load_peft_adapter", "save_peft_adapter", "inject_lora", "adapter_metadata", "LoraConfig", "get_peft_model",
     "Adapter", "LayerAdapter", "AdapterError", "AdapterMismatchError", "PeftConfigError", "PeftFolderError",
     "adapter_from_model", "from_lorac_state", "is_peft_folder", "read_peft_folder", "write_peft_folder",
 ]

@@ -12,7 +12,8 @@ from .targets import build_layer, describe, layer_kind, swap_layer
 
 def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in_fan_out=False,
                 use_rslora=False, rng=None, *, exclude_modules=None, rank_pattern=None, alpha_pattern=None,
-                layers_to_transform=None, layers_pattern=None, init="kaiming", init_std=None, use_dora=False):
+                layers_to_transform=None, layers_pattern=None, init="kaiming", init_std=None, use_dora=False,
+                embedding_init=None):
     """Replace the matching plain ``lorac.Linear`` / ``lorac.Embedding`` layers
     (r = 0) of ``model`` by LoRA layers; returns ``model``.  The selection
     and per-layer settings follow PEFT's LoraConfig fields of the same
@@ -51,7 +52,10 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
         'zeros_A', 'pissa' / 'pissa_niter_N' / 'olora' (the base weight
         becomes the residual), 'orthogonal', or PEFT's True / False.  PEFT
         starts an Embedding at its default init under 'pissa', 'olora' and
-        'orthogonal'; lorac applies them to Embeddings too.
+        'orthogonal'; lorac applies them to Embeddings too, unless
+        ``embedding_init`` says otherwise.
+    embedding_init: the init of Embedding layers (same choices), None: init.
+        ``lorac.get_peft_model`` passes PEFT's rule.
     use_dora: make the layers ``lorac.DoRALinear`` / ``lorac.DoRAEmbedding``
         (DoRA, PEFT's use_dora), their magnitudes starting at the row norms
         so the outputs do not change.
@@ -79,6 +83,7 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
         if not isinstance(flag, bool):
             raise TypeError(f"{func}: {name} must be a bool, got {type(flag).__name__}")
     spec = check_init(init, init_std, func)
+    embedding_spec = spec if embedding_init is None else check_init(embedding_init, None, func)
     rng = as_generator(rng)
 
     chosen = []
@@ -108,7 +113,8 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
                           f"using the layer's own layout (fan_in_fan_out={module.fan_in_fan_out})",
                           UserWarning, stacklevel=2)
     # every adapter (and PiSSA's SVD) is made before any layer is swapped in
-    builds = [build_layer(module, layer_r, layer_alpha, use_rslora, lora_dropout, rng, spec, use_dora)
+    builds = [build_layer(module, layer_r, layer_alpha, use_rslora, lora_dropout, rng,
+                          embedding_spec if layer_kind(module) == "embedding" else spec, use_dora)
               for (_, module), (layer_r, layer_alpha) in zip(chosen, settings)]
     for (path, module), (new, weight) in zip(chosen, builds):
         swap_layer(modules, path, module, new, weight=weight)

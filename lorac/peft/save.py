@@ -51,7 +51,7 @@ def adapter_from_model(model, adapter_name="default"):
 BIAS_MODES = ("none", "all", "lora_only")
 
 
-def save_peft_adapter(model, path, base_model_name_or_path=None, *, bias="none", modules_to_save=None,
+def save_peft_adapter(model, path, base_model_name_or_path=None, *, bias=None, modules_to_save=None,
                       adapter_name="default"):
     """Write the model's LoRA adapter ``adapter_name`` (default: loralib's
     lora_A / lora_B) as a PEFT adapter folder at ``path``.
@@ -74,18 +74,24 @@ def save_peft_adapter(model, path, base_model_name_or_path=None, *, bias="none",
     Other trained tensors go in as PEFT's LoraConfig fields of the same
     names say (PEFT saves and loads them the same way):
 
-    - ``bias``: "none" (default), "all" (every module's bias; a LoRA layer's
-      as ``<path>.base_layer.bias``) or "lora_only" (the LoRA layers'
+    - ``bias``: "none", "all" (every module's bias; a LoRA layer's as
+      ``<path>.base_layer.bias``) or "lora_only" (the LoRA layers'
       biases);
     - ``modules_to_save``: names of modules (a path, or the last parts of
       one) whose whole state is saved, such as a classifier head trained
       in full.  Each name must match a module that is not and does not
       hold a LoRA layer; the config lists the matched paths.
 
+    Not given (None), these and base_model_name_or_path come from the
+    LoraConfig ``lorac.get_peft_model`` recorded on the model for the
+    adapter, else bias "none" and nothing.
+
     The model is read, never changed; merged layers are fine (lora_A/B and
     the biases are the same).  Raises ValueError if the model has no LoRA
     layer or for a bad argument.  Returns the config dict written.
     """
+    bias, modules_to_save, base_model_name_or_path = _config_defaults(model, adapter_name, bias, modules_to_save,
+                                                                      base_model_name_or_path)
     adapter = adapter_from_model(model, adapter_name)
     if not adapter.layers:
         what = "no LoRA layer (r > 0)" if adapter_name == "default" else f"no LoRA layer holding {adapter_name!r}"
@@ -111,6 +117,17 @@ def save_peft_adapter(model, path, base_model_name_or_path=None, *, bias="none",
                 tensors[peft_module_key(mpath, "bias")] = param.data.copy()
     return write_peft_folder(adapter, path, base_model_name_or_path, bias=bias,
                              modules_to_save=list(saved) or None, peft_tensors=tensors)
+
+
+def _config_defaults(model, adapter_name, bias, modules_to_save, base_model_name_or_path):
+    """bias / modules_to_save / base_model_name_or_path not given: from the LoraConfig
+    lorac.get_peft_model recorded for the adapter, else "none" / None / None."""
+    config = (getattr(model, "__dict__", {}).get("peft_config") or {}).get(adapter_name)
+    if config is None:
+        return ("none" if bias is None else bias), modules_to_save, base_model_name_or_path
+    return (config.bias if bias is None else bias,
+            config.modules_to_save if modules_to_save is None else modules_to_save,
+            config.base_model_name_or_path if base_model_name_or_path is None else base_model_name_or_path)
 
 
 def _inside(path, root):

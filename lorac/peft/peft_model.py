@@ -1,0 +1,128 @@
+"""lorac.LoraConfig and lorac.get_peft_model: PEFT's one-call setup on a lorac model.
+
+    config = lorac.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                              modules_to_save=["classifier"])
+    model = lorac.get_peft_model(model, config)
+    lorac.print_trainable_parameters(model)
+    ...train...
+    lorac.save_peft_adapter(model, "out")      # PEFT's folder, the config's bias / modules_to_save
+
+get_peft_model does what PEFT's does, on the model itself (lorac has no
+wrapper class): ``inject_lora`` with the config's fields, then every
+parameter frozen except the adapters, the biases ``bias`` names ("all" /
+"lora_only") and the modules ``modules_to_save`` names, which train.  The
+config is kept as ``model.peft_config["default"]``; ``save_peft_adapter``
+takes its bias, modules_to_save and base_model_name_or_path when not told.
+
+As in PEFT: r = 8 and lora_alpha = 8 by default; init_lora_weights
+"gaussian" draws A with std 1 / r of each layer; an Embedding starts at
+its default init (A = 0, B ~ N(0, 1)) under every init but False.
+Unlike PEFT, a module to save trains in place: PEFT trains a copy and
+keeps the original for ``disable_adapter()``, which lorac cannot give
+back (save the original state first if you need it).
+"""
+
+from dataclasses import dataclass, field
+
+from ..module import Module
+from ..utils import mark_only_lora_as_trainable
+from .inject import inject_lora
+from .save import BIAS_MODES
+from .select import compile_selector, expand_all_linear
+from .targets import layer_kind
+
+DEFAULT = "default"
+
+
+@dataclass
+class LoraConfig:
+    """The fields of PEFT's LoraConfig that lorac implements, with PEFT's
+    defaults; a field PEFT has and lorac does not is a TypeError (unexpected
+    keyword).  ``task_type`` and ``inference_mode`` are accepted for scripts
+    written for PEFT and change nothing."""
+
+    r: int = 8
+    target_modules: object = None
+    exclude_modules: object = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list = None
+    init_lora_weights: object = True
+    layers_to_transform: object = None
+    layers_pattern: object = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    use_dora: bool = False
+    base_model_name_or_path: str = None
+    task_type: str = None
+    inference_mode: bool = False
+
+
+def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
+    """Give ``model`` the LoRA adapters ``peft_config`` (a LoraConfig) describes
+    and leave only them (and the config's biases / modules to save)
+    trainable, as PEFT's get_peft_model (module docstring); returns ``model``.
+    rng: seed or Generator for the adapters' initialisation.  Everything is
+    checked before the model changes."""
+    func = "get_peft_model"
+    if not isinstance(model, Module):
+        raise TypeError(f"{func}: model must be a lorac.Module, got {type(model).__name__}")
+    if not isinstance(peft_config, LoraConfig):
+        raise TypeError(f"{func}: peft_config must be a lorac.LoraConfig, got {type(peft_config).__name__}")
+    config = peft_config
+    if adapter_name != DEFAULT:
+        raise ValueError(f"{func}: adapter_name must be {DEFAULT!r} (the layers' own adapter), got "
+                         f"{adapter_name!r}; add further adapters with lorac.add_adapter")
+    if config.target_modules is None:
+        raise ValueError(f"{func}: LoraConfig.target_modules is required (PEFT's per-architecture defaults "
+                         "need transformers); give names, a regex or 'all-linear'")
+    if config.bias not in BIAS_MODES:
+        raise ValueError(f"{func}: LoraConfig.bias must be one of {BIAS_MODES}, got {config.bias!r}")
+    saved = _modules_to_save(model, config, func)
+    init = config.init_lora_weights
+    gaussian = isinstance(init, str) and init == "gaussian"
+    inject_lora(model, config.target_modules, config.r, config.lora_alpha, config.lora_dropout,
+                config.fan_in_fan_out, config.use_rslora, rng, exclude_modules=config.exclude_modules,
+                rank_pattern=config.rank_pattern or None, alpha_pattern=config.alpha_pattern or None,
+                layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
+                init=init, use_dora=config.use_dora, embedding_init=init is not False)
+    for module in model.modules():
+        if gaussian and layer_kind(module) == "linear" and module.r > 0:   # PEFT's std: 1 / r of the layer
+            module.reset_adapter(init="gaussian", init_std=1.0 / module.r)
+    mark_only_lora_as_trainable(model, config.bias)
+    for module in saved:
+        for param in module.parameters():
+            param.requires_grad = True
+    model.peft_config = {DEFAULT: config}
+    return model
+
+
+def _modules_to_save(model, config, func):
+    """The modules config.modules_to_save selects (a path, or its last components, as PEFT),
+    checked not to be or hold a layer the config adapts (PEFT saves a module one way or the other)."""
+    names = config.modules_to_save
+    if names is None:
+        return []
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"{func}: LoraConfig.modules_to_save must be a list of module names, got {names!r}")
+    modules = dict(model.named_modules())
+    linear = [p for p, m in modules.items() if p and layer_kind(m) == "linear"]
+    targets = expand_all_linear(config.target_modules, linear, func, config.layers_to_transform,
+                                config.layers_pattern)
+    selected = compile_selector(targets, config.exclude_modules, config.layers_to_transform, config.layers_pattern)
+    adapted = [p for p in modules if p and selected(p)]
+    found = []
+    for name in names:
+        matched = [p for p in modules if p and (p == name or p.endswith("." + name))]
+        if not matched:
+            raise ValueError(f"{func}: LoraConfig.modules_to_save entry {name!r} matches no module of the model")
+        for path in matched:
+            inner = [p for p in adapted if p == path or p.startswith(path + ".")]
+            if inner:
+                raise ValueError(f"{func}: LoraConfig.modules_to_save entry {name!r} selects {path!r}, which "
+                                 f"{'is' if inner == [path] else 'holds'} a target of the adapter ({inner[0]!r})")
+            found.append(modules[path])
+    return found
