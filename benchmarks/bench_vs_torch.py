@@ -107,33 +107,29 @@ def make_merged_linear(n, d):
     return theirs, ours, dict(in_=d, out=3 * d), np.random.default_rng(0).standard_normal((n, d)), (n, 3 * d)
 
 
-def make_dora(n, d):
+def peft_dora(base):
+    """PEFT's DoRA layer (LoraConfig(use_dora=True)) over the torch module ``base``."""
     import warnings
 
     import peft
-    base = torch.nn.Sequential(torch.nn.Linear(d, d))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrapped = peft.get_peft_model(base, peft.LoraConfig(target_modules=["0"], r=R, lora_alpha=ALPHA,
-                                                            use_dora=True))
+        wrapped = peft.get_peft_model(torch.nn.Sequential(base), peft.LoraConfig(
+            target_modules=["0"], r=R, lora_alpha=ALPHA, use_dora=True))
+    return wrapped.base_model.model[0]
+
+
+def make_dora(n, d):
     ours = lorac.DoRALinear(d, d, r=R, lora_alpha=ALPHA, rng=0)
     ours.bias.requires_grad = False
-    return wrapped.base_model.model[0], ours, dict(in_=d, out=d), np.random.default_rng(0).standard_normal((n, d)), \
-        (n, d)
+    return peft_dora(torch.nn.Linear(d, d)), ours, dict(in_=d, out=d), \
+        np.random.default_rng(0).standard_normal((n, d)), (n, d)
 
 
 def make_dora_embedding(n, d):
-    import warnings
-
-    import peft
-    base = torch.nn.Sequential(torch.nn.Embedding(VOCAB, d))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        wrapped = peft.get_peft_model(base, peft.LoraConfig(target_modules=["0"], r=R, lora_alpha=ALPHA,
-                                                            use_dora=True))
     ours = lorac.DoRAEmbedding(VOCAB, d, r=R, lora_alpha=ALPHA, rng=0)
     idx = np.random.default_rng(0).integers(0, VOCAB, size=n)
-    return wrapped.base_model.model[0], ours, dict(in_=VOCAB, out=d), idx, (n, d)
+    return peft_dora(torch.nn.Embedding(VOCAB, d)), ours, dict(in_=VOCAB, out=d), idx, (n, d)
 
 
 LAYERS = {"Linear": make_linear, "Embedding": make_embedding, "MergedLinear": make_merged_linear, "DoRA": make_dora,
