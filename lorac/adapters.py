@@ -330,9 +330,7 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
         svd_rank = non_negative_int(svd_rank, "svd_rank")
         if svd_rank == 0:
             raise ValueError("add_weighted_adapter: svd_rank must be >= 1, got 0")
-    merge = _merge_options(combination, density, majority_sign_method, rng)
-    if merge is not None and len(names) == 1:   # PEFT: a single adapter is combined linearly
-        combination, merge = "linear", None
+    combination, merge = combination_plan(combination, len(names), density, majority_sign_method, rng)
     _require_known(model, names, "add_weighted_adapter")
     if new_name in adapter_names(model):
         raise ValueError(f"add_weighted_adapter: the model already has an adapter {new_name!r}")
@@ -343,7 +341,8 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
         if not held:
             continue
         _refuse_dora(layer, path, "add_weighted_adapter", "combining its adapter")
-        a, b = _combined(layer, [n for n, _ in held], [w for _, w in held], combination, svd_rank, path, merge)
+        a, b = combined_factors(layer, [n for n, _ in held], [w for _, w in held], combination, svd_rank, path,
+                                merge)
         dropout = layer.adapter_config(held[0][0]).lora_dropout
         plans.append((layer, a, b, dropout))
     for layer, a, b, dropout in plans:
@@ -351,6 +350,16 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
         layer.add_adapter(new_name, rank, lora_alpha=rank, lora_dropout=dropout)
         layer._replace_adapter(new_name, a, b)
     return model
+
+
+def combination_plan(combination, count, density=None, majority_sign_method="total", rng=None):
+    """(combination, merge) for combining ``count`` adapters: the pruning kinds fall back to
+    "linear" for a single adapter, as PEFT's do; merge is _merge_options' tuple or None.
+    ValueError / TypeError for options that do not fit (add_weighted_adapter, lorac combine)."""
+    merge = _merge_options(combination, density, majority_sign_method, rng)
+    if merge is not None and count == 1:
+        return "linear", None
+    return combination, merge
 
 
 def _merge_options(combination, density, majority_sign_method, rng):
@@ -377,9 +386,11 @@ def _merge_options(combination, density, majority_sign_method, rng):
     return method, density, majority_sign_method, as_generator(rng)
 
 
-def _combined(layer, names, weights, combination, svd_rank, path, merge=None):
+def combined_factors(layer, names, weights, combination, svd_rank, path, merge=None):
     """(A (groups * k, in), B (groups * og, k)) in float64 of the combined adapter;
-    ``merge``: _merge_options' tuple for the pruning combinations."""
+    ``merge``: _merge_options' tuple for the pruning combinations.  ``layer``
+    is read through _adapter_geometry(), adapter_parameters(name) and
+    _scaling_of(name) only (lorac combine passes file adapters that way)."""
     groups, fan_in, og, _ = layer._adapter_geometry()
     As, Bs, coefs = [], [], []
     for name, w in zip(names, weights):

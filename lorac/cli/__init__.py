@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `lorac --help` lists them.
-COMMAND_MODULES = ["demo", "info", "convert", "merge", "extract", "similarity", "rank"]
+COMMAND_MODULES = ["demo", "info", "convert", "merge", "combine", "extract", "similarity", "rank"]
 
 
 class CommandError(Exception):

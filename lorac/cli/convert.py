@@ -54,7 +54,8 @@ def register(subparsers):
     parser.set_defaults(func=run)
 
 
-def _output_kind(args):
+def output_kind(args):
+    """"peft" or "lorac": --to, else peft when OUT is a folder or ends with a path separator."""
     if args.to:
         return args.to
     out = args.output
@@ -68,7 +69,7 @@ def run(args):
         raise CommandError("IN and OUT are the same path")
     if not os.path.exists(args.input):
         raise CommandError(f"{args.input}: no such file or folder")
-    kind = _output_kind(args)
+    kind = output_kind(args)
     adapter, source_kind = read_adapter(args.input, args)
     if kind == "peft":
         if os.path.isfile(args.output):
