@@ -122,8 +122,10 @@ def save_peft_adapter(model, path, base_model_name_or_path=None, *, bias=None, m
 def _config_defaults(model, adapter_name, bias, modules_to_save, base_model_name_or_path):
     """bias / modules_to_save / base_model_name_or_path not given: from the LoraConfig
     lorac.get_peft_model recorded for the adapter, else "none" / None / None."""
-    config = (getattr(model, "__dict__", {}).get("peft_config") or {}).get(adapter_name)
-    if config is None:
+    from .peft_model import LoraConfig   # peft_model imports this module
+    configs = getattr(model, "__dict__", {}).get("peft_config")
+    config = configs.get(adapter_name) if isinstance(configs, dict) else None
+    if not isinstance(config, LoraConfig):
         return ("none" if bias is None else bias), modules_to_save, base_model_name_or_path
     return (config.bias if bias is None else bias,
             config.modules_to_save if modules_to_save is None else modules_to_save,
