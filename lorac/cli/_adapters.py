@@ -1,4 +1,4 @@
-"""What the info / convert / merge subcommands share: reading an adapter from a
+"""What the info / convert / merge / combine subcommands share: reading an adapter from a
 PEFT folder or a lorac/loralib file, with command-line overrides."""
 
 import argparse
@@ -23,6 +23,23 @@ def add_source_options(parser):
                        help="treat layer NAME of a lorac/loralib file as an embedding (repeatable)")
     group.add_argument("--adapter-name", metavar="NAME",
                        help="PEFT folder: read the adapter saved in subfolder NAME")
+
+
+def add_output_options(parser):
+    """--to / --base-model of the commands that write an adapter (convert, combine)."""
+    parser.add_argument("--to", choices=("lorac", "peft"),
+                        help="output kind (default: peft if OUT is a folder or ends with '/', else lorac)")
+    parser.add_argument("--base-model", metavar="NAME",
+                        help="PEFT output: base_model_name_or_path to record in adapter_config.json")
+
+
+def output_kind(args):
+    """"peft" or "lorac": --to, else peft when OUT is a folder or ends with a path separator."""
+    if args.to:
+        return args.to
+    if os.path.isdir(args.output) or args.output.endswith(("/", os.sep)):
+        return "peft"
+    return "lorac"
 
 
 def read_adapter(path, args):

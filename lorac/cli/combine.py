@@ -19,8 +19,8 @@ import numpy as np
 from ..adapters import COMBINATIONS, combination_plan, combined_factors
 from .. import checkpoint
 from ..peft import Adapter, LayerAdapter, write_peft_folder
-from ._adapters import add_source_options, read_adapter, require_alpha, require_plain
-from .convert import output_kind
+from ._adapters import add_output_options, add_source_options, output_kind, read_adapter, require_alpha, \
+    require_plain
 from . import CommandError
 
 
@@ -43,10 +43,7 @@ def register(subparsers):
     parser.add_argument("--majority-sign-method", choices=("total", "frequency"), default="total",
                         help="how TIES elects each entry's sign (default: total)")
     parser.add_argument("--seed", type=int, metavar="S", help="seed of DARE's random masks")
-    parser.add_argument("--to", choices=("lorac", "peft"),
-                        help="output kind (default: peft if OUT is a folder or ends with '/', else lorac)")
-    parser.add_argument("--base-model", metavar="NAME",
-                        help="PEFT output: base_model_name_or_path to record in adapter_config.json")
+    add_output_options(parser)
     add_source_options(parser)
     parser.set_defaults(func=run)
 

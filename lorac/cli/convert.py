@@ -33,7 +33,8 @@ import sys
 
 from .. import checkpoint
 from ..peft import write_peft_folder
-from ._adapters import add_source_options, read_adapter, require_alpha, require_plain
+from ._adapters import add_output_options, add_source_options, output_kind, read_adapter, require_alpha, \
+    require_plain
 from . import CommandError
 
 
@@ -46,22 +47,9 @@ def register(subparsers):
                ".lora_B.weight (PEFT; lora_embedding_A / _B for embeddings).")
     parser.add_argument("input", metavar="IN", help="checkpoint file or PEFT adapter folder")
     parser.add_argument("output", metavar="OUT", help="output file, or folder with --to peft")
-    parser.add_argument("--to", choices=("lorac", "peft"),
-                        help="output kind (default: peft if OUT is a folder or ends with '/', else lorac)")
-    parser.add_argument("--base-model", metavar="NAME",
-                        help="PEFT output: base_model_name_or_path to record in adapter_config.json")
+    add_output_options(parser)
     add_source_options(parser)
     parser.set_defaults(func=run)
-
-
-def output_kind(args):
-    """"peft" or "lorac": --to, else peft when OUT is a folder or ends with a path separator."""
-    if args.to:
-        return args.to
-    out = args.output
-    if os.path.isdir(out) or out.endswith(("/", os.sep)):
-        return "peft"
-    return "lorac"
 
 
 def run(args):
