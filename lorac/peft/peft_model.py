@@ -84,13 +84,14 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
     saved = _modules_to_save(model, config, func)
     init = config.init_lora_weights
     gaussian = isinstance(init, str) and init == "gaussian"
+    adapted_before = {id(m) for m in model.modules() if layer_kind(m) is not None and m.r > 0}
     inject_lora(model, config.target_modules, config.r, config.lora_alpha, config.lora_dropout,
                 config.fan_in_fan_out, config.use_rslora, rng, exclude_modules=config.exclude_modules,
                 rank_pattern=config.rank_pattern or None, alpha_pattern=config.alpha_pattern or None,
                 layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
                 init=init, use_dora=config.use_dora, embedding_init=init is not False)
-    for module in model.modules():
-        if gaussian and layer_kind(module) == "linear" and module.r > 0:   # PEFT's std: 1 / r of the layer
+    for module in model.modules():   # PEFT's gaussian std, 1 / r of each layer this call adapted
+        if gaussian and layer_kind(module) == "linear" and module.r > 0 and id(module) not in adapted_before:
             module.reset_adapter(init="gaussian", init_std=1.0 / module.r)
     mark_only_lora_as_trainable(model, config.bias)
     for module in saved:

@@ -93,6 +93,10 @@ def test_peft_initialisations():
         assert layer.lora_A.data.std() == pytest.approx(1 / r, rel=0.15) and not layer.lora_B.data.any()
     emb = model[0]   # PEFT leaves an Embedding at its default init: A = 0, B ~ N(0, 1)
     assert not emb.lora_A.data.any() and emb.lora_B.data.std() == pytest.approx(1.0, rel=0.2)
+    earlier = lorac.Sequential(lorac.Linear(8, 8, r=2, rng=4), lorac.Linear(8, 8, rng=5))
+    kept = earlier[0].lora_A.data.copy()
+    lorac.get_peft_model(earlier, lorac.LoraConfig(target_modules=["1"], init_lora_weights="gaussian"))
+    np.testing.assert_array_equal(earlier[0].lora_A.data, kept)   # a layer adapted before is left alone
     w = lorac.Sequential(lorac.Embedding(20, 8, rng=0), lorac.Linear(8, 8, rng=1))
     w0 = {k: v.copy() for k, v in w.state_dict().items()}
     lorac.get_peft_model(w, lorac.LoraConfig(target_modules=["0", "1"], init_lora_weights="olora"))
