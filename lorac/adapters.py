@@ -352,36 +352,37 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
     return model
 
 
-def combination_plan(combination, count, density=None, majority_sign_method="total", rng=None):
+def combination_plan(combination, count, density=None, majority_sign_method="total", rng=None,
+                     func="add_weighted_adapter"):
     """(combination, merge) for combining ``count`` adapters: the pruning kinds fall back to
     "linear" for a single adapter, as PEFT's do; merge is _merge_options' tuple or None.
     ValueError / TypeError for options that do not fit (add_weighted_adapter, lorac combine)."""
-    merge = _merge_options(combination, density, majority_sign_method, rng)
+    merge = _merge_options(combination, density, majority_sign_method, rng, func)
     if merge is not None and count == 1:
         return "linear", None
     return combination, merge
 
 
-def _merge_options(combination, density, majority_sign_method, rng):
+def _merge_options(combination, density, majority_sign_method, rng, func):
     """(method, density, sign method, Generator) of a pruning combination, None for the others;
     ValueError / TypeError for options that do not fit."""
     method = combination[:-4] if combination.endswith("_svd") else combination
     if majority_sign_method not in SIGN_METHODS:
-        raise ValueError(f"add_weighted_adapter: majority_sign_method must be one of {SIGN_METHODS}, got "
+        raise ValueError(f"{func}: majority_sign_method must be one of {SIGN_METHODS}, got "
                          f"{majority_sign_method!r}")
     if method not in PRUNING:
         if density is not None:
-            raise ValueError(f"add_weighted_adapter: density applies to the pruning combinations "
+            raise ValueError(f"{func}: density applies to the pruning combinations "
                              f"({', '.join(repr(c) for c in COMBINATIONS[3:])}), not {combination!r}")
         return None
     if density is None:
-        raise ValueError(f"add_weighted_adapter(combination={combination!r}) needs density, the fraction of "
+        raise ValueError(f"{func}(combination={combination!r}) needs density, the fraction of "
                          "entries each pruning keeps (in [0, 1])")
     density = real_number(density, "density")
     if not 0.0 <= density <= 1.0:
-        raise ValueError(f"add_weighted_adapter: density must be in [0, 1], got {density}")
+        raise ValueError(f"{func}: density must be in [0, 1], got {density}")
     if PRUNING[method] == "random" and density == 0:
-        raise ValueError(f"add_weighted_adapter(combination={combination!r}): density must be > 0 (DARE "
+        raise ValueError(f"{func}(combination={combination!r}): density must be > 0 (DARE "
                          "rescales the kept entries by 1 / density)")
     return method, density, majority_sign_method, as_generator(rng)
 

@@ -83,7 +83,7 @@ def run(args):
     if args.svd_rank is not None and args.svd_rank < 1:
         raise CommandError(f"--svd-rank must be >= 1, got {args.svd_rank}")
     combination, merge = combination_plan(args.combination, len(args.inputs), args.density,
-                                          args.majority_sign_method, args.seed)
+                                          args.majority_sign_method, args.seed, "lorac combine")
     paths = {}   # layer path -> {input index: LayerAdapter}, in first-seen order
     for i, source in enumerate(args.inputs):
         adapter, _ = read_adapter(source, args)
