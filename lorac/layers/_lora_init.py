@@ -133,11 +133,11 @@ def init_adapter(init, r, fan_in, group_out, *, kind="linear", block_starts=(0,)
     in the weight's (out, in) view.  There are len(block_starts) groups.
     out_features is the weight's number of output rows, by default
     len(block_starts) * group_out.  weight is needed by 'pissa' and 'olora'
-    only (ignored otherwise): the base weight in its stored layout, (out, in),
-    or (in, out) when ``transposed``.  scaling is the adapter's scaling,
-    > 0 for 'pissa', finite for 'olora'.  rng: None, a seed or a numpy Generator.  Draws from it
-    in the same order as the layers always have, so seeded layers come out
-    as before.  Returns an AdapterInit.
+    only (ignored otherwise): the base weight in its stored layout, (out,
+    in), or (in, out) when ``transposed``.  scaling is the adapter's
+    scaling, > 0 for 'pissa', finite for 'olora'.  rng: None, a seed or a
+    numpy Generator.  Draws from it in the same order as the layers always
+    have, so seeded layers come out as before.  Returns an AdapterInit.
     """
     spec = check_init(init, std, func)
     r = non_negative_int(r, f"{func}: r")
@@ -278,9 +278,7 @@ def _factor_blocks(w_view, a, b, r, group_out, starts, scaling, transposed, dtyp
     returns AdapterInit with the residual weight W0 - scaling * B A."""
     fan_in = w_view.shape[1]
     k = min(r, group_out, fan_in)
-    for e, start in enumerate(starts):
-        if k == 0:   # an empty block: nothing to factor, the weight is empty too
-            break
+    for e, start in enumerate(starts if k else ()):   # k = 0: empty blocks, nothing to factor
         block = w_view[start:start + group_out]                 # (og, in), a view into the copy
         lora_a, lora_b = factor(block, k)
         a_e = a[e * r:e * r + k]                                # (k, in)
