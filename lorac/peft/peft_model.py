@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from ..module import Module
 from ..utils import mark_only_lora_as_trainable
 from .inject import inject_lora
-from .save import BIAS_MODES
+from .save import BIAS_MODES, select_modules_to_save
 from .select import compile_selector, expand_all_linear
 from .targets import layer_kind
 
@@ -102,28 +102,15 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
 
 
 def _modules_to_save(model, config, func):
-    """The modules config.modules_to_save selects (a path, or its last components, as PEFT),
-    checked not to be or hold a layer the config adapts (PEFT saves a module one way or the other)."""
-    names = config.modules_to_save
-    if names is None:
+    """The modules config.modules_to_save selects, checked not to be or hold a layer the
+    config adapts (PEFT saves a module one way or the other)."""
+    if config.modules_to_save is None:
         return []
-    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
-        raise TypeError(f"{func}: LoraConfig.modules_to_save must be a list of module names, got {names!r}")
     modules = dict(model.named_modules())
     linear = [p for p, m in modules.items() if p and layer_kind(m) == "linear"]
     targets = expand_all_linear(config.target_modules, linear, func, config.layers_to_transform,
                                 config.layers_pattern)
     selected = compile_selector(targets, config.exclude_modules, config.layers_to_transform, config.layers_pattern)
     adapted = [p for p in modules if p and selected(p)]
-    found = []
-    for name in names:
-        matched = [p for p in modules if p and (p == name or p.endswith("." + name))]
-        if not matched:
-            raise ValueError(f"{func}: LoraConfig.modules_to_save entry {name!r} matches no module of the model")
-        for path in matched:
-            inner = [p for p in adapted if p == path or p.startswith(path + ".")]
-            if inner:
-                raise ValueError(f"{func}: LoraConfig.modules_to_save entry {name!r} selects {path!r}, which "
-                                 f"{'is' if inner == [path] else 'holds'} a target of the adapter ({inner[0]!r})")
-            found.append(modules[path])
-    return found
+    return list(select_modules_to_save(model, config.modules_to_save, adapted, func, "LoraConfig.modules_to_save",
+                                       "a target of the adapter").values())

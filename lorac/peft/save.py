@@ -101,7 +101,7 @@ def save_peft_adapter(model, path, base_model_name_or_path=None, *, bias=None, m
                         f"{type(base_model_name_or_path).__name__}")
     if bias not in BIAS_MODES:
         raise ValueError(f"save_peft_adapter: bias must be one of {BIAS_MODES}, got {bias!r}")
-    saved = _modules_to_save(model, modules_to_save, adapter.layers)
+    saved = select_modules_to_save(model, modules_to_save, adapter.layers, "save_peft_adapter")
     tensors = {}
     for mpath, module in saved.items():
         for name, value in module.state_dict().items():
@@ -136,24 +136,25 @@ def _inside(path, root):
     return path == root or path.startswith(root + ".")
 
 
-def _modules_to_save(model, names, lora_paths):
-    """{path: module} of the modules that ``names`` select (save_peft_adapter)."""
-    func = "save_peft_adapter"
+def select_modules_to_save(model, names, adapted_paths, func, label="modules_to_save", adapted="a LoRA layer"):
+    """{path: module} of the modules that ``names`` (PEFT's modules_to_save: a path, or its
+    last components) select, each checked not to be or hold one of ``adapted_paths``
+    (``adapted`` says what those are in the error).  ``label`` names the argument."""
     if names is None:
         return {}
     if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
-        raise TypeError(f"{func}: modules_to_save must be a list of module names, got {names!r}")
+        raise TypeError(f"{func}: {label} must be a list of module names, got {names!r}")
     modules = dict(model.named_modules())
     saved = {}
     for name in names:
         found = [p for p in modules if p and (p == name or p.endswith("." + name))]
         if not found:
-            raise ValueError(f"{func}: modules_to_save entry {name!r} matches no module of the model")
+            raise ValueError(f"{func}: {label} entry {name!r} matches no module of the model")
         for mpath in found:
-            inner = [p for p in lora_paths if _inside(p, mpath)]
+            inner = [p for p in adapted_paths if _inside(p, mpath)]
             if inner:
-                raise ValueError(f"{func}: modules_to_save entry {name!r} selects {mpath!r}, which "
-                                 f"{'is' if inner == [mpath] else 'holds'} a LoRA layer ({inner[0]!r}); "
+                raise ValueError(f"{func}: {label} entry {name!r} selects {mpath!r}, which "
+                                 f"{'is' if inner == [mpath] else 'holds'} {adapted} ({inner[0]!r}); "
                                  "PEFT saves a module either as an adapter or whole, not both")
             saved[mpath] = modules[mpath]
     return saved
