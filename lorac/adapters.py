@@ -276,7 +276,7 @@ def _plain_layer(layer):
 
 # -- weighted combinations ---------------------------------------------------------------
 def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd_rank=None, density=None,
-                         majority_sign_method="total", rng=None):
+                         majority_sign_method="total", rng=None, svd_clamp=None):
     """Add adapter `new_name` combining adapters `names` with `weights`.
 
     In every layer holding some of them the target is the weighted delta
@@ -309,6 +309,9 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
                the same merge of the deltas s_i B_i A_i (each formed, (og,
                in)) with weights w_i, then the best rank-k factors of the
                result (k as for "svd"): B = U_k S_k, A = V_k^T.
+    svd_clamp (the svd combinations; None: off), PEFT's: with hi the
+    svd_clamp-quantile (in [0, 1]) of the entries of both factors together,
+    clamp every entry of B and A to [-hi, hi].
     With a single name, the pruning kinds fall back to "linear", as PEFT's
     do.  MergedLinear layers combine group by group (a merge prunes the
     stack of a layer's groups as one tensor).  Checked before any change.
@@ -330,6 +333,7 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
         svd_rank = non_negative_int(svd_rank, "svd_rank")
         if svd_rank == 0:
             raise ValueError("add_weighted_adapter: svd_rank must be >= 1, got 0")
+    svd_clamp = clamp_option(svd_clamp, combination)
     combination, merge = combination_plan(combination, len(names), density, majority_sign_method, rng)
     _require_known(model, names, "add_weighted_adapter")
     if new_name in adapter_names(model):
@@ -342,7 +346,7 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
             continue
         _refuse_dora(layer, path, "add_weighted_adapter", "combining its adapter")
         a, b = combined_factors(layer, [n for n, _ in held], [w for _, w in held], combination, svd_rank, path,
-                                merge)
+                                merge, svd_clamp)
         dropout = layer.adapter_config(held[0][0]).lora_dropout
         plans.append((layer, a, b, dropout))
     for layer, a, b, dropout in plans:
@@ -361,6 +365,19 @@ def combination_plan(combination, count, density=None, majority_sign_method="tot
     if merge is not None and count == 1:
         return "linear", None
     return combination, merge
+
+
+def clamp_option(svd_clamp, combination, func="add_weighted_adapter"):
+    """svd_clamp checked: None, or a quantile in [0, 1] with an svd combination."""
+    if svd_clamp is None:
+        return None
+    svd_clamp = real_number(svd_clamp, "svd_clamp")
+    if not 0.0 <= svd_clamp <= 1.0:
+        raise ValueError(f"{func}: svd_clamp must be a quantile in [0, 1], got {svd_clamp}")
+    if not combination.endswith("svd"):
+        raise ValueError(f"{func}: svd_clamp applies to the svd combinations ('svd' and the '_svd' forms), "
+                         f"not {combination!r}")
+    return svd_clamp
 
 
 def _merge_options(combination, density, majority_sign_method, rng, func):
@@ -387,9 +404,10 @@ def _merge_options(combination, density, majority_sign_method, rng, func):
     return method, density, majority_sign_method, as_generator(rng)
 
 
-def combined_factors(layer, names, weights, combination, svd_rank, path, merge=None):
+def combined_factors(layer, names, weights, combination, svd_rank, path, merge=None, clamp=None):
     """(A (groups * k, in), B (groups * og, k)) in float64 of the combined adapter;
-    ``merge``: _merge_options' tuple for the pruning combinations.  ``layer``
+    ``merge``: _merge_options' tuple for the pruning combinations; ``clamp``:
+    clamp_option's quantile for the svd ones (each group clamped alone).  ``layer``
     is read through _adapter_geometry(), adapter_parameters(name) and
     _scaling_of(name) only (lorac combine passes file adapters that way)."""
     groups, fan_in, og, _ = layer._adapter_geometry()
@@ -425,7 +443,7 @@ def combined_factors(layer, names, weights, combination, svd_rank, path, merge=N
         a = np.zeros((groups, k, fan_in))
         b = np.zeros((groups, og, k))
         for e in range(groups):
-            b[e], a[e] = _truncated_factors(delta[e], k)
+            b[e], a[e] = _truncated_factors(delta[e], k, clamp)
     else:
         k = svd_rank if svd_rank is not None else max(A.shape[1] for A in As)
         a_cat = np.concatenate(As, axis=1)
@@ -433,26 +451,27 @@ def combined_factors(layer, names, weights, combination, svd_rank, path, merge=N
         a = np.zeros((groups, k, fan_in))
         b = np.zeros((groups, og, k))
         for e in range(groups):
-            b[e], a[e] = _truncated_product(b_cat[e], a_cat[e], k)
+            b[e], a[e] = _truncated_product(b_cat[e], a_cat[e], k, clamp)
     return a.reshape(-1, fan_in), b.reshape(groups * og, -1)
 
 
-def _truncated_factors(delta, k):
-    """Best rank-k factors (B_k = U_k S_k (m, k), A_k = V_k^T (k, n)) of delta (m, n)."""
+def _truncated_factors(delta, k, clamp=None):
+    """Best rank-k factors (B_k = U_k S_k (m, k), A_k = V_k^T (k, n)) of delta (m, n),
+    clamped by clamp_factors when ``clamp`` is a quantile."""
     m, n = delta.shape
     out_b, out_a = np.zeros((m, k)), np.zeros((k, n))
     if min(m, n) == 0:
         return out_b, out_a
     u, s, vt = np.linalg.svd(delta, full_matrices=False)
     keep = min(k, s.size)
-    out_b[:, :keep] = u[:, :keep] * s[:keep]
-    out_a[:keep] = vt[:keep]
+    out_b[:, :keep], out_a[:keep] = clamp_factors(u[:, :keep] * s[:keep], vt[:keep], clamp)
     return out_b, out_a
 
 
-def _truncated_product(b, a, k):
+def _truncated_product(b, a, k, clamp=None):
     """Best rank-k factors (B_k (m, k), A_k (k, n)) of the product b (m, R) @ a (R, n):
-    b = Qb Rb, a^T = Qa Ra, b a = Qb (Rb Ra^T) Qa^T, an SVD of the R x R middle."""
+    b = Qb Rb, a^T = Qa Ra, b a = Qb (Rb Ra^T) Qa^T, an SVD of the R x R middle;
+    clamped as _truncated_factors."""
     m, n = b.shape[0], a.shape[1]
     out_b, out_a = np.zeros((m, k)), np.zeros((k, n))
     if min(m, n, a.shape[0]) == 0:
@@ -461,9 +480,18 @@ def _truncated_product(b, a, k):
     qa, ra = np.linalg.qr(a.T)
     u, s, vt = np.linalg.svd(rb @ ra.T)
     keep = min(k, s.size)
-    out_b[:, :keep] = (qb @ u[:, :keep]) * s[:keep]
-    out_a[:keep] = vt[:keep] @ qa.T
+    out_b[:, :keep], out_a[:keep] = clamp_factors((qb @ u[:, :keep]) * s[:keep], vt[:keep] @ qa.T, clamp)
     return out_b, out_a
+
+
+def clamp_factors(b, a, clamp):
+    """(b, a) with every entry clamped to [-hi, hi], hi the ``clamp``-quantile (linear
+    interpolation) of all entries of b and a together, as PEFT's svd_clamp; unchanged for
+    None.  A negative hi (a low quantile) sets every entry to hi, as torch.clamp does."""
+    if clamp is None or b.size + a.size == 0:
+        return b, a
+    hi = float(np.quantile(np.concatenate([b.ravel(), a.ravel()]), clamp))
+    return np.minimum(np.maximum(b, -hi), hi), np.minimum(np.maximum(a, -hi), hi)
 
 
 # -- files -----------------------------------------------------------------------------

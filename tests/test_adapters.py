@@ -565,6 +565,42 @@ def test_weighted_svd_applies_scaling_once_and_truncates_optimally(kind):
                                    rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("combination, options", [("svd", {}), ("ties_svd", {"density": 0.6}),
+                                                  ("svd", {"svd_rank": 9})])
+def test_weighted_svd_clamp_clamps_each_groups_factors(kind, combination, options):
+    net = lorac.Sequential(make_layer(kind, r=2))
+    lorac.add_adapter(net, "x", r=2, lora_alpha=9, init=False, rng=2)
+    randomize(net)
+    layer, names = net[0], ["default", "x"]
+    lorac.add_weighted_adapter(net, names, [1.5, -0.5], "raw", combination=combination, **options)
+    lorac.add_weighted_adapter(net, names, [1.5, -0.5], "clamped", combination=combination, svd_clamp=0.8,
+                               **options)
+    (A, B), (cA, cB) = ((p.data for p in layer.adapter_parameters(n)) for n in ("raw", "clamped"))
+    groups = 2 if kind == "merged" else 1   # make_layer's merged layer adapts two groups
+    clamped_some = False
+    for a, b, ca, cb in zip(*(np.split(m, groups) for m in (A, B, cA, cB))):   # group by group
+        kept = int(np.count_nonzero(np.abs(a).sum(axis=1)))   # svd_rank 9 pads with zero directions
+        hi = np.quantile(np.concatenate([b[:, :kept].ravel(), a[:kept].ravel()]), 0.8)
+        assert hi > 0
+        np.testing.assert_array_equal(ca, np.clip(a, -hi, hi))
+        np.testing.assert_array_equal(cb, np.clip(b, -hi, hi))
+        clamped_some |= bool(np.any(ca != a) or np.any(cb != b))
+    assert clamped_some
+
+
+def test_svd_clamp_quantile_by_hand():
+    b = np.array([[-4.0, 1.0], [0.5, 2.0]])
+    a = np.array([[3.0, -0.25], [0.0, 1.5]])
+    # 8 entries sorted: -4, -0.25, 0, 0.5, 1, 1.5, 2, 3; the 0.75-quantile lies 0.25 of the way from 1.5 to 2
+    cb, ca = lorac.adapters.clamp_factors(b, a, 0.75)
+    np.testing.assert_array_equal(cb, [[-1.625, 1.0], [0.5, 1.625]])
+    np.testing.assert_array_equal(ca, [[1.625, -0.25], [0.0, 1.5]])
+    cb, ca = lorac.adapters.clamp_factors(b, a, 0.0)   # hi = -4 < 0: every entry becomes hi, as torch.clamp
+    assert np.all(cb == -4.0) and np.all(ca == -4.0)
+    assert lorac.adapters.clamp_factors(b, a, None) == (b, a)
+
+
 def _tail(matrix, k):
     s = np.linalg.svd(matrix, compute_uv=False)
     return float(np.sqrt(np.sum(s[k:] ** 2)))
@@ -610,6 +646,13 @@ def test_weighted_adapter_errors():
         lorac.add_weighted_adapter(net, ["a"], [1], "b")
     with pytest.raises(ValueError, match="weights"):
         lorac.add_weighted_adapter(net, ["a"], [float("nan")], "mix")
+    with pytest.raises(ValueError, match="svd_clamp applies to the svd combinations"):
+        lorac.add_weighted_adapter(net, ["a", "b"], [1, 1], "mix", combination="cat", svd_clamp=0.9)
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="svd_clamp"):
+            lorac.add_weighted_adapter(net, ["a", "b"], [1, 1], "mix", combination="svd", svd_clamp=bad)
+    with pytest.raises(TypeError, match="svd_clamp"):
+        lorac.add_weighted_adapter(net, ["a", "b"], [1, 1], "mix", combination="svd", svd_clamp="0.9")
     assert lorac.adapter_names(net) == ("default", "a", "b")
 
 

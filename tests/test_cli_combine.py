@@ -42,6 +42,7 @@ def deltas(model, name):
     (["a", "c"], [1.5, 0.5], ["--combination", "svd", "--svd-rank", "2"]),
     (["a", "b"], [1.0, -0.7], ["--combination", "ties", "--density", "0.5"]),
     (["a", "b", "c"], [0.8, 0.4, 1.0], ["--combination", "magnitude_prune_svd", "--density", "0.6"]),
+    (["a", "c"], [1.5, 0.5], ["--combination", "svd", "--svd-clamp", "0.7"]),
 ])
 def test_combine_equals_add_weighted_adapter(capsys, tmp_path, rng, names, weights, options):
     model = model_with_adapters(rng)
@@ -56,6 +57,8 @@ def test_combine_equals_add_weighted_adapter(capsys, tmp_path, rng, names, weigh
     kwargs = dict(density=float(options[3])) if "--density" in options else {}
     if "--svd-rank" in options:
         kwargs["svd_rank"] = int(options[3])
+    if "--svd-clamp" in options:
+        kwargs["svd_clamp"] = float(options[3])
     lorac.add_weighted_adapter(model, names, weights, "ref", combination=combination, **kwargs)
     lorac.load_adapter(model, tmp_path / "mix.safetensors", "mix")
     want, got = deltas(model, "ref"), deltas(model, "mix")
@@ -95,6 +98,7 @@ def test_combine_refuses_what_it_cannot_do(capsys, tmp_path, rng):
         ([a, tmp_path / "noalpha.npz"], "lora_alpha of layer"),
         ([a, tmp_path / "missing.safetensors"], "no such file"),
         ([a, "--svd-rank", "0", "--combination", "svd"], "--svd-rank must be >= 1"),
+        ([a, a, "--svd-clamp", "0.9"], "svd_clamp applies to the svd combinations"),
     ]:
         code, _, err = run(capsys, "combine", *argv, "-o", tmp_path / "out.safetensors")
         assert code == 2 and message in err, (message, err)

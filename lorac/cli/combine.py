@@ -5,7 +5,8 @@ layer by layer as ``lorac.add_weighted_adapter`` combines named adapters on
 a model -- the same code (lorac/adapters.py: combination_plan,
 combined_factors): "cat", "svd", "linear" and PEFT's task-vector merges
 "ties", "dare_ties", "dare_linear", "magnitude_prune" and their "_svd"
-forms, with --density, --majority-sign-method and --seed for DARE's masks.
+forms, with --density, --majority-sign-method, --seed for DARE's masks and
+--svd-clamp.
 A layer that some inputs lack counts as zero there.  The result has
 scaling 1 (lora_alpha = its rank, no rsLoRA) and is written as a lorac file
 (safetensors, .npz by suffix) or, with --to peft or OUT a folder, a PEFT
@@ -16,7 +17,7 @@ import os
 
 import numpy as np
 
-from ..adapters import COMBINATIONS, combination_plan, combined_factors
+from ..adapters import COMBINATIONS, clamp_option, combination_plan, combined_factors
 from .. import checkpoint
 from ..peft import Adapter, LayerAdapter, write_peft_folder
 from ._adapters import add_output_options, add_source_options, output_kind, read_adapter, require_alpha, \
@@ -43,6 +44,8 @@ def register(subparsers):
     parser.add_argument("--majority-sign-method", choices=("total", "frequency"), default="total",
                         help="how TIES elects each entry's sign (default: total)")
     parser.add_argument("--seed", type=int, metavar="S", help="seed of DARE's random masks")
+    parser.add_argument("--svd-clamp", type=float, metavar="Q",
+                        help="svd combinations: clamp the factors' entries to their Q-quantile (PEFT's svd_clamp)")
     add_output_options(parser)
     add_source_options(parser)
     parser.set_defaults(func=run)
@@ -82,6 +85,7 @@ def run(args):
             raise CommandError("OUT must differ from every ADAPTER")
     if args.svd_rank is not None and args.svd_rank < 1:
         raise CommandError(f"--svd-rank must be >= 1, got {args.svd_rank}")
+    clamp = clamp_option(args.svd_clamp, args.combination, "lorac combine")
     combination, merge = combination_plan(args.combination, len(args.inputs), args.density,
                                           args.majority_sign_method, args.seed, "lorac combine")
     paths = {}   # layer path -> {input index: LayerAdapter}, in first-seen order
@@ -104,7 +108,7 @@ def run(args):
             raise CommandError(f"layer {lpath!r} differs between the adapters (kind, in, out): {sorted(shapes)}")
         names = list(layers)
         a, b = combined_factors(_FileLayer(layers), names, [weights[int(n)] for n in names], combination,
-                                args.svd_rank, lpath, merge)
+                                args.svd_rank, lpath, merge, clamp)
         first = layers[names[0]]
         dtype = np.result_type(first.lora_A.dtype, np.float32)
         out.layers[lpath] = LayerAdapter(a.astype(dtype), b.astype(dtype), kind=first.kind,

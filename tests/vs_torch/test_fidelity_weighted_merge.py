@@ -113,6 +113,28 @@ def test_svd_merges_match_peft(combination, options):
     close(ours(idx), expected, "forward")
 
 
+@pytest.mark.parametrize("combination, options", [("svd", {}), ("ties_svd", {"density": 0.5}),
+                                                  ("magnitude_prune_svd", {"density": 0.7, "svd_rank": 3})])
+@pytest.mark.parametrize("quantile", [0.9, 0.55])
+def test_svd_clamp_is_pefts(combination, options, quantile):
+    """lorac's clamp_factors applied to PEFT's unclamped factors gives PEFT's svd_clamp result
+    (a singular vector's sign is LAPACK's choice, so the two libraries' own factors may differ
+    in sign; test_adapters checks that add_weighted_adapter clamps its factors so)."""
+    pmodel, _ = twins()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, clamp in (("raw", None), ("clamped", quantile)):
+            pmodel.add_weighted_adapter(["a", "b", "c"], [1.2, 0.5, -0.9], name, combination_type=combination,
+                                        svd_clamp=clamp, **options)
+    for path in PATHS:
+        player = pmodel.base_model.model.get_submodule(path)
+        (a, b), (ca, cb) = peft_factors(player, "raw"), peft_factors(player, "clamped")
+        got_b, got_a = lorac.adapters.clamp_factors(b, a, quantile)
+        assert np.any(got_b != b) or np.any(got_a != a)
+        close(got_a, ca, path)
+        close(got_b, cb, path)
+
+
 def test_a_single_adapter_falls_back_to_linear_as_in_peft():
     pmodel, ours = combine_both("ties", ["b"], [0.7], density=0.2)
     for path in PATHS:
