@@ -226,7 +226,12 @@ def merge_and_unload(model, safe_merge=False, names=None):
             weight = layer.weight.data.copy()
             for name in todo:
                 layer._apply_adapter_delta(weight, name, +1)
-            if not np.isfinite(weight).all():
+            bias = layer._parameters.get("bias")
+            if bias is not None:
+                bias = bias.data.copy()
+                for name in todo:
+                    layer._apply_bias_delta(name, +1, bias)
+            if not np.isfinite(weight).all() or (bias is not None and not np.isfinite(bias).all()):
                 raise ValueError(f"merge_and_unload(safe_merge=True): merging {list(todo)} into layer {path!r} "
                                  "gives non-finite weights (NaN or inf); no weight was changed")
     for _, layer, todo in plans:
@@ -345,6 +350,10 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
         if not held:
             continue
         _refuse_dora(layer, path, "add_weighted_adapter", "combining its adapter")
+        biased = [n for n, _ in held if layer.lora_bias_parameter(n) is not None]
+        if biased:
+            raise ValueError(f"add_weighted_adapter: layer {path!r}: adapter {biased[0]!r} has a lora_bias; the "
+                             "combinations take lora_A / lora_B only and would drop it")
         a, b = combined_factors(layer, [n for n, _ in held], [w for _, w in held], combination, svd_rank, path,
                                 merge, svd_clamp)
         dropout = layer.adapter_config(held[0][0]).lora_dropout
@@ -555,6 +564,10 @@ def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, st
             raise ValueError(f"load_adapter: {path}: {key!r} is a DoRA magnitude: the file holds a DoRA adapter, "
                              "which named adapters cannot take; load it with model.load_state_dict(..., "
                              "strict=False) into DoRA layers (lorac.inject_lora(..., use_dora=True))")
+        if param == "lora_bias":
+            raise ValueError(f"load_adapter: {path}: {key!r} is PEFT's lora_bias, which named adapters cannot "
+                             "take; load it with model.load_state_dict(..., strict=False) into layers built with "
+                             "lora_bias=True (or a PEFT folder with lorac.load_peft_adapter)")
         if param in ("lora_A", "lora_B") and lpath in layers:
             halves.setdefault(lpath, {})[param] = (key, np.asarray(value))
         else:
@@ -632,6 +645,8 @@ def _adapter_file(path):
         state[lorac_key(lpath, "lora_A")], state[lorac_key(lpath, "lora_B")] = layer.lora_A, layer.lora_B
         if layer.magnitude is not None:
             state[lorac_key(lpath, "lora_magnitude_vector")] = layer.magnitude
+        if layer.lora_bias is not None:
+            state[lorac_key(lpath, "lora_bias")] = layer.lora_bias
         records[lpath] = {"lora_alpha": layer.lora_alpha, "use_rslora": layer.use_rslora}
     return state, records, None, None
 

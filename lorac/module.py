@@ -365,8 +365,9 @@ class Module:
 
         The values are the live arrays, as torch's are detached tensors
         sharing storage: a parameter's data, or with keep_vars=True the
-        Parameter itself.  A merged LoRA layer's weight is the exception: it
-        is saved unmerged, as a computed array no Parameter holds."""
+        Parameter itself.  A merged LoRA layer's weight (and a bias holding a
+        merged lora_bias) is the exception: it is saved unmerged, as a
+        computed array no Parameter holds."""
         if not isinstance(prefix, str):
             raise TypeError(f"state_dict: prefix must be a str, got {type(prefix).__name__}")
         out = OrderedDict() if destination is None else destination

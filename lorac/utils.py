@@ -49,7 +49,8 @@ def lora_state_dict(model, bias="none", adapter=None):
     under loralib's plain keys ``<layer>.lora_A`` / ``<layer>.lora_B``, from
     the layers holding it -- a loralib-compatible file that
     ``lorac.load_adapter`` can load into any named adapter.  A DoRA layer's
-    adapter ("default") also gives ``<layer>.lora_magnitude_vector``."""
+    adapter ("default") also gives ``<layer>.lora_magnitude_vector``, and
+    one with PEFT's lora_bias ``<layer>.lora_bias``."""
     _check_bias_mode(bias)
     if adapter is not None:
         return _one_adapter_state_dict(model, bias, adapter)
@@ -83,6 +84,9 @@ def _one_adapter_state_dict(model, bias, adapter):
         out[prefix + "lora_B"] = lora_b.data
         if module.use_dora:   # a DoRA layer's one adapter: its magnitude belongs to it
             out[prefix + "lora_magnitude_vector"] = module.lora_magnitude_vector.data
+        lora_bias = module.lora_bias_parameter(adapter)
+        if lora_bias is not None:   # so is PEFT's lora_bias
+            out[prefix + "lora_bias"] = lora_bias.data
         if bias == "lora_only" and prefix + "bias" in state:
             out[prefix + "bias"] = state[prefix + "bias"]
     if not out:

@@ -690,3 +690,27 @@ def test_save_adapter_npz_has_no_metadata(tmp_path):
         lorac.load_adapter(net, tmp_path / "b.npz", "c")
     lorac.load_adapter(net, tmp_path / "b.npz", "b")  # an existing adapter keeps its alpha
     assert net.proj.adapter_config("b").lora_alpha == 2
+
+
+@pytest.mark.parametrize("make", [
+    lambda: lorac.Linear(6, 5, r=2, init=False, rng=0, dtype=np.float64),
+    lambda: lorac.Embedding(7, 5, r=2, init=False, rng=0, dtype=np.float64),
+    lambda: lorac.MergedLinear(6, 6, r=2, enable_lora=(True, False, True), init=False, rng=0, dtype=np.float64),
+    lambda: lorac.DoRALinear(6, 5, r=2, init=False, rng=0, dtype=np.float64),
+    lambda: lorac.DoRAEmbedding(7, 5, r=2, init=False, rng=0, dtype=np.float64),
+    lambda: lorac.Linear(6, 5, r=2, init=False, rng=0, dtype=np.float64, lora_bias=True),
+])
+def test_reset_adapter_on_a_merged_layer_keeps_the_base_weight(make):
+    """A merged adapter is taken out with its old values and merged with the new ones:
+    the base weight (and bias) come back unchanged on train()."""
+    layer = make()
+    base = {k: v.copy() for k, v in layer.state_dict().items() if "lora_" not in k}
+    layer.eval()
+    layer.reset_adapter()
+    assert layer.merged
+    x = make_input("embedding" if hasattr(layer, "num_embeddings") else "linear", np.random.default_rng(0))
+    merged_out = layer(x)
+    layer.train()
+    for key, value in base.items():
+        np.testing.assert_allclose(getattr(layer, key).data, value, rtol=1e-12, atol=1e-12, err_msg=key)
+    np.testing.assert_allclose(layer(x), merged_out, rtol=1e-10, atol=1e-12)

@@ -699,6 +699,31 @@ def check_peft_bad_layout_metadata(tmp):
         _load_refused(folder, ValueError, match)
 
 
+def check_peft_bad_lora_bias(tmp):
+    folder = _peft_folder(tmp)
+    weights, config_path = (os.path.join(folder, n) for n in ("adapter_model.safetensors", "adapter_config.json"))
+    tensors, good = lorac.load(weights), json.load(open(config_path))
+    key = "base_model.model.0.lora_B.bias"
+    for value, config, match in ((np.zeros(4, np.float32), dict(good, lora_bias=True), "1-D float tensor"),
+                                 (np.zeros(3, np.int32), dict(good, lora_bias=True), "1-D float tensor"),
+                                 (np.zeros(3, np.float32), good, "does not set lora_bias"),
+                                 (np.zeros(3, np.float32), dict(good, lora_bias=True, use_dora=True),
+                                  "lora_bias and use_dora are both set"),
+                                 (np.zeros(3, np.float32), dict(good, lora_bias=True, init_lora_weights="gaussian"),
+                                  "takes lora_bias with true or false only")):
+        lorac.save({**tensors, key: value}, weights, metadata={"format": "pt"})
+        with open(config_path, "w") as fh:
+            json.dump(config, fh)
+        _load_refused(folder, ValueError, match)
+    lorac.save({**tensors, key: np.zeros(3, np.float32)}, weights, metadata={"format": "pt"})
+    with open(config_path, "w") as fh:
+        json.dump(dict(good, lora_bias=True), fh)
+    model = lorac.Sequential(lorac.Linear(4, 3, bias=False), lorac.Linear(3, 2))
+    with pytest.raises(ValueError, match="has no bias, which lorac's lora_bias needs"):
+        lorac.load_peft_adapter(model, folder)
+    assert model[0].r == 0
+
+
 def check_peft_mismatch(tmp):
     model = lorac.Sequential(lorac.Linear(5, 3, r=2), lorac.Linear(3, 2))  # in_features 5, target has 4
     folder = os.path.join(tmp, "other")
@@ -812,6 +837,9 @@ ROWS = [
     Row("loaders", "weights-file layout metadata (lorac_fan_in_fan_out): not JSON, not a map of booleans, "
         "naming no Linear layer of the file", "PeftFolderError naming the entry; model unchanged",
         check_peft_bad_layout_metadata),
+    Row("loaders", "PEFT lora_bias: lora_B.bias of the wrong shape or dtype, without lora_bias in the config, "
+        "with use_dora or a gaussian init; a target layer without a bias", "PeftFolderError / AdapterMismatchError (ValueErrors) "
+        "naming the key or layer; model unchanged", check_peft_bad_lora_bias),
     Row("loaders", "adapter shapes that do not fit the model", "AdapterMismatchError (a ValueError); model "
         "unchanged", check_peft_mismatch),
     Row("loaders", "corrupt adapter_model.safetensors", "CheckpointError (a ValueError); model unchanged",

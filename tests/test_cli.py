@@ -285,13 +285,13 @@ def test_bad_input_gives_one_line_errors(capsys, tmp_path):
 def test_refused_peft_adapter_in_cli(capsys, files):
     tmp, _, _ = files
     config = json.loads((tmp / "peft" / "adapter_config.json").read_text())
-    config["lora_bias"] = True
+    config["use_qalora"] = True
     (tmp / "peft" / "adapter_config.json").write_text(json.dumps(config))
     code, _, err = run(capsys, "convert", tmp / "peft", tmp / "x.safetensors")
-    assert_one_line_error(code, err, "lora_bias=True asks for a bias on lora_B")
+    assert_one_line_error(code, err, "use_qalora=True asks for QALoRA")
     code, out, _ = run(capsys, "info", tmp / "peft")
     assert code == 0 and "lorac cannot load this adapter" in out
-    config["lora_bias"], config["use_dora"] = False, True   # DoRA loads, but needs its magnitude vectors
+    config["use_qalora"], config["use_dora"] = False, True   # DoRA loads, but needs its magnitude vectors
     (tmp / "peft" / "adapter_config.json").write_text(json.dumps(config))
     code, _, err = run(capsys, "convert", tmp / "peft", tmp / "x.safetensors")
     assert_one_line_error(code, err, "use_dora is set but layer")

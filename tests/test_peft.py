@@ -247,7 +247,7 @@ def test_lorac_saved_embedding_adapter_loads_in_peft(tmp_path):
 # -- refusals with real PEFT files ---------------------------------------------------------
 @pytest.mark.torch
 @pytest.mark.parametrize("option,match", [
-    (dict(lora_bias=True), "lora_bias"),
+    (dict(init_lora_weights="olora"), "changes the base model's weights"),
 ])
 def test_peft_features_lorac_cannot_honour_are_refused(tmp_path, option, match):
     _torch().manual_seed(5)
@@ -417,7 +417,7 @@ def test_layer_kind_checks(tmp_path, rng):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("lora_bias", True, "lora_bias"),
+    ("use_qalora", True, "QALoRA"),
     ("peft_type", "LOHA", "peft_type must be 'LORA', got 'LOHA'"),
     ("init_lora_weights", "pissa_niter_4", "changes the base model's weights"),
     ("init_lora_weights", "olora", "changes the base model's weights"),
@@ -471,9 +471,11 @@ def test_parse_key(key, expected):
     assert (parsed if parsed is None else tuple(parsed)) == expected
 
 
-def test_parse_key_refuses_lora_bias():
-    with pytest.raises(UnsupportedKeyError):
-        parse_key("base_model.model.fc.lora_B.bias")
+def test_parse_key_reads_lora_bias_and_refuses_a_bias_on_lora_A():
+    assert tuple(parse_key("base_model.model.fc.lora_B.bias")) == ("fc", "lora_bias", "lora_bias", False)
+    assert tuple(parse_key("fc.lora_B.default.bias")) == ("fc", "lora_bias", "lora_bias", False)
+    with pytest.raises(UnsupportedKeyError, match="a bias on lora_A"):
+        parse_key("base_model.model.fc.lora_A.bias")
 
 
 @pytest.mark.parametrize("key", ["base_model.model.fc.lora_magnitude_vector",

@@ -10,7 +10,8 @@ forms, with --density, --majority-sign-method, --seed for DARE's masks and
 A layer that some inputs lack counts as zero there.  The result has
 scaling 1 (lora_alpha = its rank, no rsLoRA) and is written as a lorac file
 (safetensors, .npz by suffix) or, with --to peft or OUT a folder, a PEFT
-adapter folder.  DoRA adapters and loralib MergedLinear layers are refused.
+adapter folder.  DoRA adapters, adapters with PEFT's lora_bias and loralib
+MergedLinear layers are refused.
 """
 
 import os
@@ -97,6 +98,9 @@ def run(args):
             if layer.magnitude is not None:
                 raise CommandError(f"{source}: layer {lpath!r} is a DoRA layer (lora_magnitude_vector); "
                                    "lorac combine adds B A linearly")
+            if layer.lora_bias is not None:
+                raise CommandError(f"{source}: layer {lpath!r} has a lora_bias; lorac combine takes lora_A / "
+                                   "lora_B only and would drop it")
             paths.setdefault(lpath, {})[str(i)] = layer
     if not paths:
         raise CommandError("the adapters hold no LoRA layer")

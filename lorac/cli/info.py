@@ -63,11 +63,13 @@ def tensor_table(path):
 
 
 def _layer_of(key):
-    """(module path, "lora_A"/"lora_B"/"lora_magnitude_vector", kind or None) for adapter keys in
-    lorac or PEFT form (a magnitude's kind is "dora")."""
+    """(module path, "lora_A"/"lora_B"/"lora_magnitude_vector"/"lora_bias", kind or None) for adapter
+    keys in lorac or PEFT form (a magnitude's kind is "dora", a lora_bias's "lora_bias")."""
     path, _, param = key.rpartition(".")
     if param in ("lora_A", "lora_B"):
         return path, param, None
+    if param == "lora_bias":
+        return path, param, "lora_bias"
     try:
         parsed = parse_key(key)
     except UnsupportedKeyError:
@@ -79,12 +81,12 @@ def _layer_of(key):
 
 def lora_layers(rows):
     """{path: dict(kind, r, in, out, params, bytes, note)} from the tensor table; a DoRA
-    magnitude counts in its layer's params and bytes."""
-    halves, magnitudes = {}, {}
+    magnitude or a lora_bias counts in its layer's params and bytes."""
+    halves, vectors = {}, {}   # vectors: {path: {"dora" / "lora_bias": (size, bytes)}}
     for key, shape, _, nbytes in rows:
         found = _layer_of(key)
-        if found is not None and found[2] == "dora" and len(shape) == 1:
-            magnitudes[found[0]] = (shape[0], nbytes)
+        if found is not None and found[2] in ("dora", "lora_bias") and len(shape) == 1:
+            vectors.setdefault(found[0], {})[found[2]] = (shape[0], nbytes)
         elif found is not None and len(shape) == 2:
             path, param, kind = found
             halves.setdefault(path, {"kind": kind})[param] = (shape, nbytes)
@@ -99,9 +101,9 @@ def lora_layers(rows):
             groups = a_shape[0] // r if r and a_shape[0] % r == 0 else None
             note = f"MergedLinear, {groups} enabled groups" if groups else "ranks of lora_A and lora_B differ"
         params, nbytes = math.prod(a_shape) + math.prod(b_shape), a_bytes + b_bytes
-        if path in magnitudes:
-            params, nbytes = params + magnitudes[path][0], nbytes + magnitudes[path][1]
-            note = "DoRA" + ("; " + note if note else "")
+        for what, (size, vbytes) in vectors.get(path, {}).items():
+            params, nbytes = params + size, nbytes + vbytes
+            note = ("DoRA" if what == "dora" else "lora_bias") + ("; " + note if note else "")
         layers[path] = {"kind": h["kind"], "r": r, "in": a_shape[1], "out": b_shape[0],
                         "params": params, "bytes": nbytes, "note": note}
     return layers

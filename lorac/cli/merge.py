@@ -10,7 +10,10 @@ with ``scaling = alpha / r`` (``alpha / sqrt(r)`` for rsLoRA), computed by
 lorac's C merge kernel (one GEMM per layer).  A DoRA layer (a
 ``lora_magnitude_vector`` m) then has each row of the (out, in) view
 scaled by ``m / ||row||``, as ``lorac.DoRALinear`` / ``DoRAEmbedding`` and
-PEFT merge it (a row of norm 0 becomes 0, where PEFT gives NaN).
+PEFT merge it (a row of norm 0 becomes 0, where PEFT gives NaN).  A
+layer with PEFT's lora_bias also has ``<path>.bias += scaling * lora_bias``
+(the base needs that bias, as PEFT's merge does; a trained bias the
+adapter carries replaces the base's first).
 
 alpha, rsLoRA and the layout come from the adapter's metadata /
 adapter_config.json (and, for a PEFT folder whose layers store their
@@ -119,6 +122,14 @@ def run(args):
         if weight.dtype.kind != "f" or weight.ndim != 2:
             raise CommandError(f"{args.base}: {key!r} must be a 2-D float tensor, found shape "
                                f"{tuple(weight.shape)} dtype {weight.dtype}")
+        if layer.lora_bias is not None:
+            bias_key = lorac_key(path, "bias")
+            found = base.get(bias_key)
+            if found is None or found.dtype.kind != "f" or tuple(found.shape) != (layer.out_features,):
+                raise CommandError(f"{args.base}: the adapter's layer {path!r} has a lora_bias, which merges into "
+                                   f"{bias_key!r}; BASE must hold it as a float tensor of shape "
+                                   f"({layer.out_features},), found "
+                                   f"{'none' if found is None else f'shape {tuple(found.shape)} dtype {found.dtype}'}")
         work.append((key, weight, layer, _layout(layer, weight, key)))
     if any(t is None for *_, t in work):
         if any(t and layer.kind != "embedding" for _, _, layer, t in work):
@@ -146,6 +157,9 @@ def run(args):
         _C.linear_merge(weight, a, b, layer.scaling, transposed)
         if layer.magnitude is not None:
             _dora_rescale(weight, layer.magnitude, transposed)
+        if layer.lora_bias is not None:
+            bias = base[key[:-len("weight")] + "bias"]
+            bias += (layer.scaling * layer.lora_bias.astype(np.float64)).astype(bias.dtype)
 
     metadata = None
     if not args.output.lower().endswith(".npz") and checkpoint.detect_format(args.base) == "safetensors":

@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import _C
 from ..module import Parameter
+from ._lora_init import check_init
 from ._threading import locked
 
 
@@ -104,11 +105,20 @@ class DoRAMagnitude:
     @locked
     def reset_adapter(self, name="default", init="kaiming", init_std=None, rng=None):
         """The plain layer's reset_adapter, then the magnitude restarts at the new
-        ||W0 + s B A|| (the output is the base layer's again, or PiSSA's unchanged one)."""
-        super().reset_adapter(name, init, init_std, rng)
-        magnitude = self._parameters["lora_magnitude_vector"]
-        magnitude.data[...] = self.dora_row_norms()
-        magnitude.grad = None
+        ||W0 + s B A|| (the output is the base layer's again, or PiSSA's unchanged one).
+        A merged layer is unmerged around it: the norms and the merge need the new values."""
+        self._require_adapter(name)
+        check_init(init, init_std, f"{type(self).__name__}.reset_adapter")   # before anything changes
+        merged = self.merged_adapters
+        self.unmerge()
+        try:
+            super().reset_adapter(name, init, init_std, rng)
+            magnitude = self._parameters["lora_magnitude_vector"]
+            magnitude.data[...] = self.dora_row_norms()
+            magnitude.grad = None
+        finally:
+            if merged:
+                self.merge(merged)
         return self
 
     # -- one adapter only ------------------------------------------------------

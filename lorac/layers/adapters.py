@@ -24,9 +24,12 @@ A layer keeps one frozen base weight and any number of named adapters:
   active adapters that are not merged.
 - ``disable_adapters()``: a context manager under which the forward is the
   base layer's (see its docstring for the merged case).
+- PEFT's ``lora_bias`` (Linear only, the "default" adapter only): a
+  trainable ``lora_bias`` (out,) that the adapter adds as ``s * lora_bias``
+  (PEFT's ``lora_B.bias``); merging adds it into the base bias.
 
 A layer in loralib's state (only "default", active, merged or not, no mixed
-batch) takes the layers' unchanged fast path (``_plain``); anything else goes
+batch, no unmerged lora_bias) takes the layers' unchanged fast path (``_plain``); anything else goes
 through ``_branch()``, which stacks several active adapters into one rank-R
 branch (A stacked by rows, B by columns with each s_k folded in), so the same
 fused kernels serve one adapter or many.
@@ -47,6 +50,7 @@ from ._threading import ThreadState, locked
 from ._lora_init import BASE_CHANGING, check_init, init_adapter
 
 DEFAULT = "default"
+LORA_BIAS = "lora_bias"    # the default adapter's bias on lora_B (PEFT's lora_bias), when it has one
 BASE = "__base__"          # the name of "no adapter" in a mixed batch
 
 _TLS = threading.local()   # .batch: this thread's current mixed batch (MixedBatch) or absent
@@ -60,8 +64,10 @@ MixedBatch = namedtuple("MixedBatch", ["ids", "tables"])
 # The LoRA branch of one forward outside the fast path.  names: the adapters
 # it adds; a, b, scaling: the kernel's operands (None, None when no adapter);
 # dropout: their dropout probability; params: ((lora_A, lora_B, scaling), ...)
-# per adapter; version: the layer's _adapter_version at forward time.
-Branch = namedtuple("Branch", ["names", "a", "b", "scaling", "dropout", "params", "version"])
+# per adapter; version: the layer's _adapter_version at forward time; bias:
+# what the adapters add to every output row (s * lora_bias), None for nothing.
+Branch = namedtuple("Branch", ["names", "a", "b", "scaling", "dropout", "params", "version", "bias"],
+                    defaults=(None,))
 
 
 @dataclass(frozen=True)
@@ -206,13 +212,19 @@ class NamedAdapters(ThreadState):
     def _dropout_of(self, name):
         return self.lora_dropout if name == DEFAULT else self._adapters[name].lora_dropout
 
+    def lora_bias_parameter(self, name=DEFAULT):
+        """The Parameter ``lora_bias`` (out,) of adapter `name` (PEFT's lora_bias), or None."""
+        return self._parameters.get(LORA_BIAS) if name == DEFAULT else None
+
     # -- state changes --------------------------------------------------------
     def _refresh_plain(self):
         """Recompute whether loralib's fast path applies (see the module doc)."""
         default = (DEFAULT,) if DEFAULT in self._adapters else ()
+        # an unmerged lora_bias takes the branch path, which adds it (Branch.bias)
+        bias_pending = LORA_BIAS in self._parameters and self.merged_adapters != default
         with _LOCK:  # against a mixed batch starting or ending in another thread
             self._plain = (not self._adapters_disabled and not self._mixed_users and self.active_adapters == default
-                           and self.merged_adapters in ((), default))
+                           and self.merged_adapters in ((), default) and not bias_pending)
 
     def _changed(self):
         """Any change of adapters, activity or merging: a pending backward of a
@@ -278,7 +290,8 @@ class NamedAdapters(ThreadState):
 
         With init='pissa' / 'olora' the current base weight W0 is factored and replaced by
         W0 - scaling * B A: load the pretrained weights first.  They need an
-        unmerged layer whose only adapter is `name`.  Gradients of the two
+        unmerged layer whose only adapter is `name`.  A merged adapter is
+        unmerged with its old values and merged with the new ones.  Gradients of the two
         parameters are dropped; an optimizer's state for them (Adam moments) is
         not reset -- build the optimizer after this call."""
         func = f"{type(self).__name__}.reset_adapter"
@@ -287,13 +300,24 @@ class NamedAdapters(ThreadState):
         if spec.name in BASE_CHANGING:
             self._check_base_change_allowed(spec, func, others=tuple(n for n in self._adapters if n != name))
         config = self.adapter_config(name)
-        start = self._start_arrays(spec, config.r, config.scaling, self.rng if rng is None else as_generator(rng),
-                                   func)
+        gen = self.rng if rng is None else as_generator(rng)
+        start = self._start_arrays(spec, config.r, config.scaling, gen, func)
+        lora_bias = self.lora_bias_parameter(name)
+        bias_start = None if lora_bias is None else lora_bias_start(spec, config.r, gen, lora_bias.shape,
+                                                                     self.dtype)
+        # everything checked: a merged adapter leaves the base weight (and bias) while its values change
+        merged = self.merged_adapters if name in self.merged_adapters else ()
+        self.unmerge()   # a no-op unless merged
         lora_a, lora_b = self.adapter_parameters(name)
         lora_a.data[...], lora_b.data[...] = start.lora_A, start.lora_B
         lora_a.grad = lora_b.grad = None
-        if start.weight is not None:
+        if lora_bias is not None:
+            lora_bias.data[...] = bias_start
+            lora_bias.grad = None
+        if start.weight is not None:   # 'pissa' / 'olora': only on an unmerged layer (checked above)
             self._parameters["weight"].data[...] = start.weight
+        if merged:
+            self.merge(merged)
         self._changed()
         return self
 
@@ -400,6 +424,7 @@ class NamedAdapters(ThreadState):
         if todo:
             for name in todo:
                 self._apply_adapter_delta(self._parameters["weight"].data, name, +1)
+                self._apply_bias_delta(name, +1)
             self.merged_adapters = self.merged_adapters + todo
             self._cache = None  # the weight changed under the cached forward
             self._changed()
@@ -411,6 +436,7 @@ class NamedAdapters(ThreadState):
         if self.merged_adapters:
             for name in reversed(self.merged_adapters):
                 self._apply_adapter_delta(self._parameters["weight"].data, name, -1)
+                self._apply_bias_delta(name, -1)
             self.merged_adapters = ()
             self._cache = None
             self._changed()
@@ -422,6 +448,15 @@ class NamedAdapters(ThreadState):
         if scaling:
             self._delta_into(weight, self._parameters[a_name].data, self._parameters[b_name].data, sign * scaling)
 
+    def _apply_bias_delta(self, name, sign, bias=None):
+        """bias (default: the base bias's array) += sign * s * lora_bias of adapter `name` (no-op without one)."""
+        lora_bias = self.lora_bias_parameter(name)
+        if lora_bias is None:
+            return
+        if bias is None:
+            bias = self._parameters["bias"].data
+        bias += bias.dtype.type(sign * self._scaling_of(name)) * lora_bias.data
+
     # -- state dicts (the weight is always saved unmerged) ---------------------
     def _state_items(self):
         merged = self.merged_adapters
@@ -430,6 +465,10 @@ class NamedAdapters(ThreadState):
                 value = value.copy()
                 for adapter in reversed(merged):
                     self._apply_adapter_delta(value, adapter, -1)
+            elif name == "bias" and merged and LORA_BIAS in self._parameters:
+                value = value.copy()
+                for adapter in reversed(merged):
+                    self._apply_bias_delta(adapter, -1, value)
             yield name, value
 
     @locked
@@ -439,7 +478,17 @@ class NamedAdapters(ThreadState):
         them again.  An unmerged adapter is a plain in-place copy.  With
         assign, a new weight is unmerged (as saved) and the merged adapters
         go into it, so it is copied first: merging must not write into an
-        array the caller (or another model) still holds."""
+        array the caller (or another model) still holds.  A merged lora_bias:
+        unmerge, load, merge again (the base bias holds it)."""
+        if LORA_BIAS in self._parameters and self.merged_adapters and values:
+            merged = self.merged_adapters
+            if assign:   # merging writes into the new weight and bias
+                values = {k: (v.copy() if k in ("weight", "bias") else v) for k, v in values.items()}
+            self.unmerge()
+            try:
+                return self._load_state_items(values, assign)
+            finally:
+                self.merge(merged)
         touched = set()
         for name in values:
             if name == "weight":
@@ -498,6 +547,10 @@ class NamedAdapters(ThreadState):
             n for n in self.active_adapters if n not in self.merged_adapters)
         if not names:
             return Branch((), None, None, 0.0, 0.0, (), self._adapter_version)
+        bias = None
+        lora_bias = self.lora_bias_parameter(DEFAULT) if DEFAULT in names else None
+        if lora_bias is not None:
+            bias = lora_bias.data * lora_bias.data.dtype.type(self.scaling)
         params = []
         for name in names:
             a_name, b_name = param_names(name)
@@ -505,13 +558,13 @@ class NamedAdapters(ThreadState):
         dropouts = [self._dropout_of(n) for n in names]
         if len(names) == 1:
             A, B, scaling = params[0]
-            return Branch(names, A.data, B.data, scaling, dropouts[0], tuple(params), self._adapter_version)
+            return Branch(names, A.data, B.data, scaling, dropouts[0], tuple(params), self._adapter_version, bias)
         if self.training and len(set(dropouts)) > 1:
             raise ValueError(f"{type(self).__name__}: the active adapters {list(names)} have different "
                              f"lora_dropout {dropouts}; training several adapters at once draws one dropout "
                              "mask, so they must agree")
         a, b = self._stacked(params)
-        return Branch(names, a, b, 1.0, dropouts[0], tuple(params), self._adapter_version)
+        return Branch(names, a, b, 1.0, dropouts[0], tuple(params), self._adapter_version, bias)
 
     def _stacked(self, params):
         """Several adapters as one: A (groups * R, in) with each group's rows
@@ -588,6 +641,14 @@ class NamedAdapters(ThreadState):
             Bs.append(self._parameters[b_name].data)
             scalings.append(self._scaling_of(name))
         return As, Bs, scalings
+
+
+def lora_bias_start(spec, r, rng, shape, dtype):
+    """A new lora_bias: zeros (PEFT's init True), or PEFT's nn.Linear bias draw U(-1/sqrt(r), 1/sqrt(r))
+    under its init False ('random')."""
+    if spec.name == "random":
+        return rng.uniform(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r), size=shape).astype(dtype)
+    return np.zeros(shape, dtype)
 
 
 def _checked_bool(value, name):

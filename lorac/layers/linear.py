@@ -9,6 +9,7 @@ from ..module import Module, Parameter
 from ._threading import layer_lock, thread_state
 from ._grads import GradBuffers, forget_created, grad_accumulators
 from ._lora_init import check_init
+from .adapters import LORA_BIAS, lora_bias_start
 from .base import LoRALayer
 
 # What backward needs from a forward, a plain tuple (layers/base.py says why):
@@ -42,11 +43,18 @@ class Linear(LoRALayer, Module):
     A and B random with B A = 0; r even).  At construction
     'pissa' factors the freshly drawn weight; to factor pretrained weights,
     load them first and call ``reset_adapter(init='pissa')``.
+
+    ``lora_bias`` (PEFT's): the adapter also has a trainable bias
+    ``lora_bias`` (out,) on lora_B, added as ``scaling * lora_bias``; zeros at
+    init 'kaiming', PEFT's U(-1/sqrt(r), 1/sqrt(r)) at init False.  It needs
+    the layer's bias (merging adds ``scaling * lora_bias`` into it) and r > 0,
+    and takes those two inits only, as PEFT.  Such a layer runs the adapter
+    outside the loralib fast path.
     """
 
     def __init__(self, in_features, out_features, r=0, lora_alpha=1, lora_dropout=0.0,
                  fan_in_fan_out=False, merge_weights=True, bias=True, dtype=np.float32, rng=None,
-                 use_rslora=False, init="kaiming", init_std=None):
+                 use_rslora=False, init="kaiming", init_std=None, lora_bias=False):
         Module.__init__(self)
         self.in_features = non_negative_int(in_features, "in_features")
         self.out_features = non_negative_int(out_features, "out_features")
@@ -56,6 +64,10 @@ class Linear(LoRALayer, Module):
         self.rng = as_generator(rng)
         self._cache = None
         spec = check_init(init, init_std, type(self).__name__)
+        if not isinstance(lora_bias, (bool, np.bool_)):
+            raise TypeError(f"{type(self).__name__}: lora_bias must be a bool, got {type(lora_bias).__name__}")
+        if lora_bias:
+            _check_lora_bias_allowed(self.r, bias, spec, type(self).__name__)
 
         weight = _init.kaiming_uniform((self.out_features, self.in_features), self.in_features,
                                        self.rng, self.dtype)
@@ -73,6 +85,10 @@ class Linear(LoRALayer, Module):
             self.lora_B = Parameter(start.lora_B)
             if start.weight is not None:   # 'pissa': the base becomes W0 - scaling * B A
                 self.weight.data[...] = start.weight
+            if lora_bias:
+                self.register_parameter(LORA_BIAS, Parameter(lora_bias_start(spec, self.r, self.rng,
+                                                                             (self.out_features,), self.dtype)))
+                self._refresh_plain()
 
     # -- forward / backward ---------------------------------------------
     def forward(self, x):
@@ -117,6 +133,8 @@ class Linear(LoRALayer, Module):
             bias = params["bias"]
             y, u = _C.linear_forward(x2, params["weight"].data, None if bias is None else bias.data, a, b,
                                      scaling, d["fan_in_fan_out"], mask, keep_scale)
+            if branch is not None and branch.bias is not None:   # PEFT's lora_bias
+                y += branch.bias
             (d.get("_tls") or thread_state(self)).cache = (x2, u, mask, keep_scale, lora_on, out_shape, branch)
             return y if x2 is x else y.reshape(out_shape)
 
@@ -126,6 +144,9 @@ class Linear(LoRALayer, Module):
         bias = self._parameters["bias"]
         y = _C.multi_linear_forward(x2, self._parameters["weight"].data, None if bias is None else bias.data,
                                     As, Bs, scalings, ids, self.fan_in_fan_out)
+        lora_bias = self.lora_bias_parameter()
+        if lora_bias is not None:   # the default adapter's rows add s * lora_bias
+            y[ids == self.adapter_names.index("default")] += lora_bias.data * y.dtype.type(self.scaling)
         self._cache = None
         return y.reshape(lead_shape + (self.out_features,))
 
@@ -162,6 +183,9 @@ class Linear(LoRALayer, Module):
                 with base_grads as buffers, self._branch_grads(branch) as lora_buffers:
                     dx = _C.linear_backward(g2, x2, weight.data, branch.a, branch.b, u, branch.scaling,
                                             d["fan_in_fan_out"], mask, keep_scale, True, **buffers, **lora_buffers)
+                lora_bias = self.lora_bias_parameter() if branch.bias is not None else None
+                if lora_bias is not None and lora_bias.requires_grad:   # d(s * lora_bias) = s * sum of rows
+                    lora_bias.grad_buffer()[...] += g2.sum(axis=0) * g2.dtype.type(self.scaling)
             d["_tls"].cache = None
             return dx if len(out_shape) == 2 else dx.reshape(out_shape[:-1] + (d["in_features"],))
 
@@ -184,5 +208,17 @@ class Linear(LoRALayer, Module):
     def extra_repr(self):
         text = (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")
-        return text + self._lora_repr()
+        return text + self._lora_repr() + (", lora_bias=True" if LORA_BIAS in self._parameters else "")
+
+
+def _check_lora_bias_allowed(r, bias, spec, func):
+    """lora_bias needs an adapter (r > 0), the base bias it merges into, and PEFT's inits True / False."""
+    if r == 0:
+        raise ValueError(f"{func}: lora_bias=True needs an adapter (r > 0), got r=0")
+    if not bias:
+        raise ValueError(f"{func}: lora_bias=True needs the layer's bias (merging adds scaling * lora_bias "
+                         "into it); build it with bias=True")
+    if spec.name not in ("kaiming", "random"):
+        raise ValueError(f"{func}: lora_bias=True takes init 'kaiming' (True) or False only, as PEFT's, "
+                         f"got init={spec.name!r}")
 

@@ -51,6 +51,7 @@ class LayerAdapter:
     fan_in_fan_out: bool = None
     keys: tuple = ()  # the source keys of lora_A and lora_B, for messages
     magnitude: np.ndarray = None  # DoRA's lora_magnitude_vector (out,), None for plain LoRA
+    lora_bias: np.ndarray = None  # PEFT's lora_bias (lora_B's bias) (out,), None when the adapter has none
 
     @property
     def r(self):
@@ -78,18 +79,32 @@ class LayerAdapter:
     def attach_magnitude(self, value, key, source):
         """Take ``value`` as this layer's DoRA magnitude vector: 1-D float, one
         entry per output (AdapterError naming ``key`` otherwise)."""
+        self.magnitude = self._output_vector(value, key, source)
+
+    def attach_lora_bias(self, value, key, source):
+        """Take ``value`` as this Linear layer's lora_bias: 1-D float, one entry per
+        output (AdapterError naming ``key`` otherwise; PEFT has none on embeddings)."""
+        if self.kind == "embedding":
+            raise AdapterError(f"{source}: {key!r} is a lora_bias on an Embedding layer; PEFT's lora_bias is for "
+                               "Linear layers only")
+        self.lora_bias = self._output_vector(value, key, source)
+
+    def _output_vector(self, value, key, source):
         value = np.asarray(value)
         out = self.out_features
         if value.ndim != 1 or value.dtype.kind != "f" or value.shape[0] != out:
             raise AdapterError(f"{source}: {key!r} must be a 1-D float tensor of the layer's {out} outputs, "
                                f"found shape {value.shape} dtype {value.dtype}")
-        self.magnitude = value
+        return value
+
+    def _vectors(self):
+        return [v for v in (self.magnitude, self.lora_bias) if v is not None]
 
     def num_parameters(self):
-        return int(self.lora_A.size + self.lora_B.size + (0 if self.magnitude is None else self.magnitude.size))
+        return int(self.lora_A.size + self.lora_B.size + sum(v.size for v in self._vectors()))
 
     def nbytes(self):
-        return int(self.lora_A.nbytes + self.lora_B.nbytes + (0 if self.magnitude is None else self.magnitude.nbytes))
+        return int(self.lora_A.nbytes + self.lora_B.nbytes + sum(v.nbytes for v in self._vectors()))
 
 
 @dataclass
@@ -114,6 +129,8 @@ class Adapter:
             out[lorac_key(path, "lora_B")] = layer.lora_B
             if layer.magnitude is not None:
                 out[lorac_key(path, "lora_magnitude_vector")] = layer.magnitude
+            if layer.lora_bias is not None:
+                out[lorac_key(path, "lora_bias")] = layer.lora_bias
         out.update(self.extra)
         return out
 
@@ -241,8 +258,11 @@ def from_lorac_state(state, metadata=None, source="state dict", lora_alpha=None,
                                f"has shape {a.shape}")
         adapter.layers[path] = LayerAdapter(a, b, kind=kind, lora_alpha=alpha, use_rslora=bool(rslora),
                                             fan_in_fan_out=fifo, keys=(a_key, b_key))
-    for path, layer in adapter.layers.items():   # DoRA: <path>.lora_magnitude_vector (out,)
+    for path, layer in adapter.layers.items():   # DoRA: <path>.lora_magnitude_vector (out,); <path>.lora_bias
         key = lorac_key(path, "lora_magnitude_vector")
         if key in adapter.extra:
             layer.attach_magnitude(adapter.extra.pop(key), key, source)
+        key = lorac_key(path, "lora_bias")
+        if key in adapter.extra:
+            layer.attach_lora_bias(adapter.extra.pop(key), key, source)
     return adapter

@@ -11,7 +11,9 @@ Reading (``parse_config``) follows PEFT's LoraConfig field by field:
   (their tensors, when present, are loaded into the model's parameters).
 - ``use_dora``: DoRA; its layers load as ``lorac.DoRALinear`` /
   ``lorac.DoRAEmbedding``.
-- Refused with PeftConfigError naming the field: ``lora_bias``,
+- ``lora_bias``: a bias on lora_B; its Linear layers load with
+  ``lora_bias=True``.
+- Refused with PeftConfigError naming the field:
   ``use_qalora``, ``alora_invocation_tokens``, ``use_bdlora``,
   ``arrow_config``, ``kasa_config``, ``monteclora_config``,
   ``layer_replication``, ``target_parameters``, ``trainable_token_indices``,
@@ -54,7 +56,6 @@ KNOWN_FIELDS = frozenset("""
 
 # field -> what it is; refused when set to anything but null/false/empty.
 REFUSED_FIELDS = {
-    "lora_bias": "a bias on lora_B",
     "use_qalora": "QALoRA (quantisation-aware pooling)",
     "alora_invocation_tokens": "activated LoRA (token-dependent adapter)",
     "use_bdlora": "block-diagonal LoRA",
@@ -117,6 +118,7 @@ class PeftAdapterConfig:
     fan_in_fan_out: bool = False
     lora_dropout: float = 0.0
     use_dora: bool = False
+    lora_bias: bool = False
     bias: str = "none"
     modules_to_save: list = field(default_factory=list)
     base_model_name_or_path: str = None
@@ -181,12 +183,18 @@ def parse_config(raw, source):
         fan_in_fan_out=_flag(raw, "fan_in_fan_out", source),
         lora_dropout=dropout,
         use_dora=_flag(raw, "use_dora", source),
+        lora_bias=_flag(raw, "lora_bias", source),
         bias=bias,
         modules_to_save=list(modules_to_save),
         base_model_name_or_path=base if isinstance(base, str) else None,
         rank_pattern=_pattern_regexes(raw.get("rank_pattern"), "rank_pattern", source),
         alpha_pattern=_pattern_regexes(raw.get("alpha_pattern"), "alpha_pattern", source),
     )
+    if config.lora_bias and config.use_dora:
+        raise PeftConfigError(f"{source}: lora_bias and use_dora are both set, which PEFT's LoraConfig refuses")
+    if config.lora_bias and init not in (True, False):
+        raise PeftConfigError(f"{source}: lora_bias is set with init_lora_weights={init!r}; PEFT's LoraConfig "
+                              "takes lora_bias with true or false only")
     config.rank_pattern = [(key, regex, _real(value, f"rank_pattern[{key!r}]", source, positive=True, integer=True))
                            for key, regex, value in config.rank_pattern]
     config.alpha_pattern = [(key, regex, _real(value, f"alpha_pattern[{key!r}]", source))
@@ -216,7 +224,7 @@ def _number(value):
 
 
 def build_config(layers, base_model_name_or_path=None, lora_dropout=0.0, bias="none", modules_to_save=None,
-                 use_dora=False):
+                 use_dora=False, lora_bias=False):
     """adapter_config.json content (a dict) for ``layers``: {path: LayerAdapter};
     ``bias`` and ``modules_to_save`` say which other tensors the folder holds.
 
@@ -256,5 +264,5 @@ def build_config(layers, base_model_name_or_path=None, lora_dropout=0.0, bias="n
         "init_lora_weights": True,
         "inference_mode": True,
         "use_dora": bool(use_dora),
-        "lora_bias": False,
+        "lora_bias": bool(lora_bias),
     }

@@ -93,7 +93,7 @@ def read_peft_folder(path, adapter_name=None):
     state = checkpoint.load(source)
     names = ("default",) if adapter_name in (None, "default") else ("default", adapter_name)
 
-    halves, extra, extra_source, magnitudes = {}, {}, {}, {}
+    halves, extra, extra_source, magnitudes, lora_biases = {}, {}, {}, {}, {}
     for key, value in state.items():
         try:
             parsed = parse_key(key, names)
@@ -109,6 +109,12 @@ def read_peft_folder(path, adapter_name=None):
                 raise PeftFolderError(f"{source}: {key!r} and {magnitudes[parsed.path][0]!r} both give the "
                                       f"DoRA magnitude of {parsed.path!r}")
             magnitudes[parsed.path] = (key, value)
+            continue
+        if parsed.kind == "lora_bias":
+            if parsed.path in lora_biases:
+                raise PeftFolderError(f"{source}: {key!r} and {lora_biases[parsed.path][0]!r} both give the "
+                                      f"lora_bias of {parsed.path!r}")
+            lora_biases[parsed.path] = (key, value)
             continue
         if parsed.kind is not None:
             slot = halves.setdefault(parsed.path, {})
@@ -150,6 +156,7 @@ def read_peft_folder(path, adapter_name=None):
             fan_in_fan_out=config.fan_in_fan_out if a_kind == "linear" else False, keys=(a_key, b_key))
     _apply_layouts(adapter, checkpoint.read_metadata(source).get(LAYOUT_KEY), source)
     _attach_magnitudes(adapter, magnitudes, config, source)
+    _attach_lora_biases(adapter, lora_biases, config, source)
     return adapter, config
 
 
@@ -195,6 +202,29 @@ def _attach_magnitudes(adapter, magnitudes, config, source):
                                   "lora_magnitude_vector")
 
 
+def _attach_lora_biases(adapter, lora_biases, config, source):
+    """Give each Linear layer its lora_bias (lora_B.bias, (out,)): only with lora_bias set in the config,
+    which Embedding adapters refuse, as PEFT does.  A Linear layer the file gives none keeps None:
+    PEFT's own load would leave its bias at its zero init."""
+    if lora_biases and not config.lora_bias:
+        key = next(iter(lora_biases.values()))[0]
+        raise PeftFolderError(f"{source}: {key!r} is a lora_bias (lora_B.bias) but adapter_config.json does not "
+                              "set lora_bias")
+    if config.lora_bias:
+        embedding = next((p for p, layer in adapter.layers.items() if layer.kind == "embedding"), None)
+        if embedding is not None:
+            raise PeftFolderError(f"{source}: lora_bias is set but {embedding!r} is an Embedding adapter; PEFT's "
+                                  "lora_bias is for Linear layers only")
+    for path, (key, value) in lora_biases.items():
+        layer = adapter.layers.get(path)
+        if layer is None:
+            raise PeftFolderError(f"{source}: {key!r} has no lora_A / lora_B of its layer {path!r}")
+        try:
+            layer.attach_lora_bias(value, key, source)
+        except AdapterError as exc:
+            raise PeftFolderError(str(exc)) from None
+
+
 def write_peft_folder(adapter, path, base_model_name_or_path=None, bias="none", modules_to_save=None,
                       peft_tensors=None):
     """Write ``adapter`` as a PEFT LoRA folder loadable by PeftModel.from_pretrained.
@@ -214,11 +244,21 @@ def write_peft_folder(adapter, path, base_model_name_or_path=None, bias="none", 
         plain = next(p for p, layer in layers.items() if layer.magnitude is None)
         raise AdapterError(f"layers {dora[0]!r} (DoRA) and {plain!r} (plain LoRA) cannot share one PEFT adapter: "
                            "its adapter_config.json has one use_dora for every layer; save them separately")
+    biased = [p for p, layer in layers.items() if layer.lora_bias is not None]
+    embedding = next((p for p, layer in layers.items() if layer.kind == "embedding"), None)
+    if biased and embedding is not None:
+        raise AdapterError(f"layers {biased[0]!r} (with lora_bias) and {embedding!r} (an Embedding) cannot share "
+                           "one PEFT adapter: its adapter_config.json has one lora_bias, which PEFT refuses on "
+                           "Embedding layers; save them separately")
     config = build_config(layers, base_model_name_or_path or adapter.base_model_name_or_path,
-                          adapter.lora_dropout, bias, modules_to_save, use_dora=bool(dora))
+                          adapter.lora_dropout, bias, modules_to_save, use_dora=bool(dora), lora_bias=bool(biased))
     tensors = dict(peft_tensors or {})
     for path_ in dora:
         tensors[peft_magnitude_key(path_)] = layers[path_].magnitude
+    for path_, layer in layers.items():   # one lora_bias for all: a layer without one gets zeros (the same output)
+        if biased:
+            tensors[peft_key(path_, "lora_bias", "linear")] = (
+                layer.lora_bias if layer.lora_bias is not None else np.zeros(layer.out_features, layer.lora_B.dtype))
     for path_, layer in layers.items():
         kind = layer.kind or "linear"
         tensors[peft_key(path_, "lora_A", kind)] = layer.lora_A

@@ -13,7 +13,7 @@ from .targets import build_layer, describe, layer_kind, swap_layer
 def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in_fan_out=False,
                 use_rslora=False, rng=None, *, exclude_modules=None, rank_pattern=None, alpha_pattern=None,
                 layers_to_transform=None, layers_pattern=None, init="kaiming", init_std=None, use_dora=False,
-                embedding_init=None):
+                embedding_init=None, lora_bias=False):
     """Replace the matching plain ``lorac.Linear`` / ``lorac.Embedding`` layers
     (r = 0) of ``model`` by LoRA layers; returns ``model``.  The selection
     and per-layer settings follow PEFT's LoraConfig fields of the same
@@ -59,6 +59,10 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
     use_dora: make the layers ``lorac.DoRALinear`` / ``lorac.DoRAEmbedding``
         (DoRA, PEFT's use_dora), their magnitudes starting at the row norms
         so the outputs do not change.
+    lora_bias: PEFT's lora_bias: each adapter also gets ``lora_bias`` (out,)
+        (``Linear(lora_bias=True)``); as PEFT, Linear layers only, not with
+        use_dora, init 'kaiming' / True / False only; lorac also needs each
+        layer's bias (merging adds into it).
 
     Raises ValueError if nothing matches, if a matching module is of another
     kind (names it and its type) or already has an adapter, or for a bad
@@ -79,7 +83,7 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
     lora_dropout = probability(lora_dropout, "lora_dropout")
     if fan_in_fan_out is not None and not isinstance(fan_in_fan_out, bool):
         raise TypeError(f"{func}: fan_in_fan_out must be a bool or None, got {type(fan_in_fan_out).__name__}")
-    for name, flag in (("use_rslora", use_rslora), ("use_dora", use_dora)):
+    for name, flag in (("use_rslora", use_rslora), ("use_dora", use_dora), ("lora_bias", lora_bias)):
         if not isinstance(flag, bool):
             raise TypeError(f"{func}: {name} must be a bool, got {type(flag).__name__}")
     spec = check_init(init, init_std, func)
@@ -104,6 +108,8 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
                          + f"; the model's Linear/Embedding layers are {adaptable[:20]}"
                          + (" ..." if len(adaptable) > 20 else ""))
 
+    if lora_bias:
+        _check_lora_bias(chosen, spec, use_dora, func)
     settings = per_layer_settings([path for path, _ in chosen], r, lora_alpha, rank_pattern, alpha_pattern, func)
     for path, module in chosen:
         if fan_in_fan_out is not None and layer_kind(module) == "linear" \
@@ -114,9 +120,25 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
                           UserWarning, stacklevel=2)
     # every adapter (and PiSSA's SVD) is made before any layer is swapped in
     builds = [build_layer(module, layer_r, layer_alpha, use_rslora, lora_dropout, rng,
-                          embedding_spec if layer_kind(module) == "embedding" else spec, use_dora)
+                          embedding_spec if layer_kind(module) == "embedding" else spec, use_dora, lora_bias)
               for (_, module), (layer_r, layer_alpha) in zip(chosen, settings)]
     for (path, module), (new, weight) in zip(chosen, builds):
         swap_layer(modules, path, module, new, weight=weight)
     return model
 
+
+
+def _check_lora_bias(chosen, spec, use_dora, func):
+    """lora_bias=True: PEFT's rules (Linear layers, no DoRA, init True / False) and a bias on every layer."""
+    if use_dora:
+        raise ValueError(f"{func}: lora_bias=True is not supported with use_dora=True (as in PEFT)")
+    if spec.name not in ("kaiming", "random"):
+        raise ValueError(f"{func}: lora_bias=True takes init 'kaiming' (True) or False only, as PEFT's, "
+                         f"got init={spec.name!r}")
+    for path, module in chosen:
+        if layer_kind(module) != "linear":
+            raise ValueError(f"{func}: lora_bias=True is for Linear layers (as in PEFT), but {path!r} is a "
+                             f"{describe(module)}")
+        if module.bias is None:
+            raise ValueError(f"{func}: lora_bias=True needs each layer's bias (merging adds scaling * lora_bias "
+                             f"into it), but {path!r} has none")

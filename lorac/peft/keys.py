@@ -22,9 +22,10 @@ names (loralib's Embedding stores the same shapes as PEFT's).
 
 DoRA's magnitude, ``base_model.model.<path>.lora_magnitude_vector`` (also
 with ``.weight`` or ``.<name>[.weight]`` after it), maps to
-``<path>.lora_magnitude_vector`` with kind "dora".  Keys of features lorac
-does not implement are refused by ``parse_key``: ``lora_B.bias`` /
-``lora_A.bias`` (``lora_bias``).
+``<path>.lora_magnitude_vector`` with kind "dora".  PEFT's ``lora_bias``,
+``base_model.model.<path>.lora_B[.<name>].bias`` (out,), maps to
+``<path>.lora_bias`` with kind "lora_bias".  ``lora_A.bias``, which PEFT
+never writes, is refused by ``parse_key``.
 """
 
 from collections import namedtuple
@@ -41,7 +42,7 @@ _LORA_EMBEDDING = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
 
 
 class UnsupportedKeyError(ValueError):
-    """A key that belongs to a PEFT feature lorac cannot honour (lora_bias)."""
+    """A key that belongs to a PEFT feature lorac cannot honour (a bias on lora_A)."""
 
 
 def _join(tokens):
@@ -52,7 +53,7 @@ def parse_key(key, adapter_names=("default",)):
     """Map one PEFT adapter key to a ParsedKey, or None if it has no known form.
 
     ``adapter_names``: the names allowed to appear inside keys.  Raises
-    UnsupportedKeyError for lora_bias tensors.
+    UnsupportedKeyError for a bias on lora_A.
     """
     body = key[len(PREFIX):] if key.startswith(PREFIX) else key
     tokens = body.split(".")
@@ -69,13 +70,16 @@ def parse_key(key, adapter_names=("default",)):
     if "original_module" in tokens:
         return ParsedKey(_join(tokens[:tokens.index("original_module")]), tokens[-1], None, True)
 
-    # <path>.lora_A[.<name>].weight   (and .bias: lora_bias)
+    # <path>.lora_A[.<name>].weight   (and lora_B's .bias: lora_bias)
     for width in (2, 3):
         if len(tokens) > width and tokens[-width] in _LORA_LINEAR:
             if width == 3 and tokens[-2] not in adapter_names:
                 continue
+            if tokens[-1] == "bias" and tokens[-width] == "lora_B":
+                return ParsedKey(_join(tokens[:-width]), "lora_bias", "lora_bias", False)
             if tokens[-1] == "bias":
-                raise UnsupportedKeyError(f"{key!r} is a LoRA bias (lora_bias=True); lorac's adapters have none")
+                raise UnsupportedKeyError(f"{key!r} is a bias on lora_A, which PEFT's lora_bias does not make; "
+                                          "lorac's adapters have none")
             if tokens[-1] == "weight":
                 return ParsedKey(_join(tokens[:-width]), _LORA_LINEAR[tokens[-width]], "linear", False)
     # <path>.lora_embedding_A[.<name>]
@@ -108,6 +112,8 @@ def peft_key(path, param, kind):
     kind "linear"/"embedding" for lora_A/lora_B; None for a base parameter of
     a LoRA layer (written as ``base_layer.<param>``, which PEFT loads back).
     """
+    if param == "lora_bias":
+        return f"{PREFIX}{path}.lora_B.bias"
     if param in ("lora_A", "lora_B"):
         if kind == "embedding":
             return f"{PREFIX}{path}.lora_embedding_{param[-1]}"

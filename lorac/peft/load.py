@@ -32,9 +32,12 @@ def load_peft_adapter(model, path, adapter_name=None, strict=True):
     adapters are trainable (lora_A / lora_B requires_grad), the base weights
     frozen, as in any lorac LoRA layer; train/eval mode is kept.  A DoRA
     adapter (use_dora) makes its layers ``lorac.DoRALinear`` /
-    ``lorac.DoRAEmbedding`` holding the file's magnitude vectors.
+    ``lorac.DoRAEmbedding`` holding the file's magnitude vectors; one with
+    PEFT's lora_bias gives its Linear layers ``lora_bias`` (which needs the
+    layer's bias: merging adds into it; a layer the file gives no lora_B.bias
+    gets zeros, as PEFT's init).
 
-    Everything -- config fields (lora_bias, other peft_types, ... are
+    Everything -- config fields (other peft_types, QALoRA, ... are
     refused with an error naming them), keys, layer kinds, shapes and dtypes
     -- is checked before the model is touched.
 
@@ -64,6 +67,10 @@ def load_peft_adapter(model, path, adapter_name=None, strict=True):
         if kind != layer.kind:
             raise AdapterMismatchError(
                 f"{layer.keys[0]!r} is a {layer.kind} adapter but {mpath!r} is a {describe(module)}")
+        if config.lora_bias and module.bias is None:
+            raise AdapterMismatchError(
+                f"{layer.keys[0]!r}: the adapter has PEFT's lora_bias but the module at {mpath!r} has no bias, "
+                "which lorac's lora_bias needs (merging adds scaling * lora_bias into it)")
         fin, fout = layer_dims(module)
         for key, arr, expected in ((layer.keys[0], layer.lora_A, (layer.r, fin)),
                                    (layer.keys[1], layer.lora_B, (fout, layer.r))):
@@ -99,10 +106,11 @@ def load_peft_adapter(model, path, adapter_name=None, strict=True):
 
     # Everything is validated: build the new layers (no change to the model yet), then swap them in.
     news = [build_layer(m, layer.r, layer.lora_alpha, layer.use_rslora, config.lora_dropout, None,
-                        use_dora=layer.magnitude is not None)[0]
+                        use_dora=layer.magnitude is not None, lora_bias=config.lora_bias)[0]
             for _, m, layer in plans]
     for (mpath, module, layer), new in zip(plans, news):
-        swap_layer(modules, mpath, module, new, layer.lora_A, layer.lora_B, magnitude=layer.magnitude)
+        swap_layer(modules, mpath, module, new, layer.lora_A, layer.lora_B, magnitude=layer.magnitude,
+                   lora_bias=layer.lora_bias)
         modules[mpath] = new
     for mpath, values in extras.items():
         modules[mpath]._load_state_items(values)

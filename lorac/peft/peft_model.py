@@ -56,6 +56,7 @@ class LoraConfig:
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     use_dora: bool = False
+    lora_bias: bool = False
     base_model_name_or_path: str = None
     task_type: str = None
     inference_mode: bool = False
@@ -89,7 +90,7 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
                 config.fan_in_fan_out, config.use_rslora, rng, exclude_modules=config.exclude_modules,
                 rank_pattern=config.rank_pattern or None, alpha_pattern=config.alpha_pattern or None,
                 layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
-                init=init, use_dora=config.use_dora, embedding_init=init is not False)
+                init=init, use_dora=config.use_dora, embedding_init=init is not False, lora_bias=config.lora_bias)
     for module in model.modules():   # PEFT's gaussian std, 1 / r of each layer this call adapted
         if gaussian and layer_kind(module) == "linear" and module.r > 0 and id(module) not in adapted_before:
             module.reset_adapter(init="gaussian", init_std=1.0 / module.r)

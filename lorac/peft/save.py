@@ -35,12 +35,14 @@ def adapter_from_model(model, adapter_name="default"):
             raise ValueError(f"the model itself is a LoRA {type(module).__name__}; PEFT adapts child modules "
                              "only (wrap it, e.g. lorac.Sequential(layer))")
         lora_a, lora_b = module.adapter_parameters(adapter_name)
+        lora_bias = module.lora_bias_parameter(adapter_name)
         config = module.adapter_config(adapter_name)
         adapter.layers[path] = LayerAdapter(
             lora_a.data.copy(), lora_b.data.copy(), kind=kind, lora_alpha=config.lora_alpha,
             use_rslora=config.use_rslora, fan_in_fan_out=getattr(module, "fan_in_fan_out", False),
             keys=(lorac_key(path, "lora_A"), lorac_key(path, "lora_B")),
-            magnitude=module.lora_magnitude_vector.data.copy() if module.use_dora else None)
+            magnitude=module.lora_magnitude_vector.data.copy() if module.use_dora else None,
+            lora_bias=None if lora_bias is None else lora_bias.data.copy())
         if kind == "linear":
             dropouts.append(config.lora_dropout)
     if dropouts:

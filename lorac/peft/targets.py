@@ -18,6 +18,7 @@ from .._arrays import as_generator
 from ..layers import DoRAEmbedding, DoRALinear, Embedding, Linear
 from ..layers._lora_init import check_init
 from ..layers._threading import forget_thread_state
+from ..layers.adapters import LORA_BIAS, lora_bias_start
 from ..module import Parameter
 
 KIND_OF_CLASS = {Linear: "linear", DoRALinear: "linear", Embedding: "embedding", DoRAEmbedding: "embedding"}
@@ -47,7 +48,7 @@ def parent_of(modules, path):
     return modules[parent_path], name
 
 
-def build_layer(old, r, lora_alpha, use_rslora, lora_dropout, rng, init=None, use_dora=False):
+def build_layer(old, r, lora_alpha, use_rslora, lora_dropout, rng, init=None, use_dora=False, lora_bias=False):
     """(new layer, new base weight or None): a layer like ``old`` (same kind,
     sizes, layout, dtype, merge_weights, mode) with a fresh rank-r adapter --
     a DoRALinear / DoRAEmbedding with ``use_dora`` (its magnitude the row
@@ -63,7 +64,9 @@ def build_layer(old, r, lora_alpha, use_rslora, lora_dropout, rng, init=None, us
     from ``rng`` (which then serves the layer's dropout), or from old's rng if
     None.  The base parameters are shared with ``old`` until ``swap_layer``
     moves them; 'pissa' returns the residual base weight for swap_layer to
-    write, None otherwise.
+    write, None otherwise.  ``lora_bias`` (a Linear with a bias, init
+    'kaiming' or 'random': the caller checks) adds PEFT's lora_bias,
+    started as Linear(lora_bias=True) starts it.
     """
     kind = layer_kind(old)
     cls = {("embedding", False): Embedding, ("embedding", True): DoRAEmbedding,
@@ -84,16 +87,21 @@ def build_layer(old, r, lora_alpha, use_rslora, lora_dropout, rng, init=None, us
         norms = new.dora_row_norms(start.weight)
         new.lora_magnitude_vector = Parameter(norms.astype(new.dtype))
         new._dora_merge = None
+    if lora_bias:
+        new.register_parameter(LORA_BIAS, Parameter(lora_bias_start(spec, r, new.rng, (new.out_features,),
+                                                                    new.dtype)))
+        new._refresh_plain()
     return new, start.weight
 
 
-def swap_layer(modules, path, old, new, lora_A=None, lora_B=None, weight=None, magnitude=None):
+def swap_layer(modules, path, old, new, lora_A=None, lora_B=None, weight=None, magnitude=None, lora_bias=None):
     """Put ``new`` (from build_layer(old, ...)) at ``path`` in place of ``old``.
 
     ``modules`` is ``dict(model.named_modules())`` (the root under "").
     ``old`` is unmerged first (the shared weight Parameter then holds the base
     weight), the weight is frozen, ``lora_A`` / ``lora_B`` (if given) are
-    copied into the new adapter, and ``magnitude`` into a DoRA layer's,
+    copied into the new adapter, ``lora_bias`` into its lora_bias, and
+    ``magnitude`` into a DoRA layer's,
     ``weight`` (if given: build_layer's PiSSA residual) into the base
     weight, and ``new`` takes old's train/eval mode
     (merging if that is what eval() does for it).  Nothing here fails on
@@ -110,6 +118,8 @@ def swap_layer(modules, path, old, new, lora_A=None, lora_B=None, weight=None, m
         np.copyto(new.lora_B.data, lora_B, casting="same_kind")
     if magnitude is not None:
         np.copyto(new.lora_magnitude_vector.data, magnitude, casting="same_kind")
+    if lora_bias is not None:
+        np.copyto(new.lora_bias.data, lora_bias, casting="same_kind")
     parent, name = parent_of(modules, path)
     parent.add_module(name, new)
     new.train(old.training)   # new.merged is False: eval() merges when merge_weights

@@ -303,17 +303,18 @@ class LoaderTargets:
         self.folder = folder
         self.seeds = _seed_files(folder)
         self.model = lorac_model()
-        self.peft_seeds = [self._peft_seed("plain"), self._peft_seed("dora")]
+        self.peft_seeds = [self._peft_seed("plain"), self._peft_seed("dora"), self._peft_seed("lora_bias")]
 
     def _peft_seed(self, kind):
-        """The files of a PEFT folder: plain LoRA on layer 0, or DoRA on both layers stored
-        both ways (a magnitude per layer and the weights file's layout metadata)."""
+        """The files of a PEFT folder: plain LoRA on layer 0, DoRA on both layers stored
+        both ways (a magnitude per layer and the weights file's layout metadata), or
+        LoRA with PEFT's lora_bias on layer 0."""
         import lorac
         if kind == "dora":
             model = lorac.Sequential(lorac.Linear(4, 3, fan_in_fan_out=True), lorac.Linear(3, 2))
             lorac.inject_lora(model, ["0", "1"], r=2, use_dora=True, fan_in_fan_out=None)
         else:
-            model = lorac.Sequential(lorac.Linear(4, 3, r=2), lorac.Linear(3, 2))
+            model = lorac.Sequential(lorac.Linear(4, 3, r=2, lora_bias=kind == "lora_bias"), lorac.Linear(3, 2))
         model[0].lora_B.data[...] = 0.5
         seed = os.path.join(self.folder, "peft_seed_" + kind)
         lorac.save_peft_adapter(model, seed)
@@ -342,7 +343,8 @@ class LoaderTargets:
             if name.endswith(".json") and r.bool():
                 config = json.loads(blob)
                 for _ in range(r.int(1, 3)):
-                    key = r.choice(sorted(config) + ["r", "lora_alpha", "rank_pattern", "peft_type", "use_dora"])
+                    key = r.choice(sorted(config) + ["r", "lora_alpha", "rank_pattern", "peft_type", "use_dora",
+                                                       "lora_bias"])
                     config[key] = random_json(r)
                 blob = json.dumps(config).encode()
             elif r.int(0, 2) == 0:

@@ -35,6 +35,7 @@ def lorac_name(peft_name):
     name = peft_name.removeprefix("base_model.model.")
     name = re.sub(r"\.modules_to_save\.default\.", ".", name)
     name = name.replace(".base_layer.", ".").replace("lora_embedding_", "lora_")
+    name = re.sub(r"\.lora_B\.default\.bias$", ".lora_bias", name)   # PEFT's lora_bias
     return re.sub(r"\.default(\.weight)?$", "", name)
 
 
@@ -119,8 +120,8 @@ def test_bad_configs_leave_the_model_unchanged():
             lorac.get_peft_model(model, lorac.LoraConfig(**config))
         assert model.state_dict().keys() == before.keys() and "peft_config" not in model.__dict__
         assert all(p.requires_grad for p in model.parameters())
-    with pytest.raises(TypeError, match="unexpected keyword argument 'lora_bias'"):
-        lorac.LoraConfig(target_modules=["q_proj"], lora_bias=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'trainable_token_indices'"):
+        lorac.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 2])
     with pytest.raises(ValueError, match="adapter_name must be 'default'"):
         lorac.get_peft_model(lorac_model(), lorac.LoraConfig(target_modules=["q_proj"]), adapter_name="x")
     with pytest.raises(TypeError, match="peft_config must be a lorac.LoraConfig"):
