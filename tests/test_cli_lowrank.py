@@ -80,6 +80,22 @@ def test_extract_writes_an_adapter_that_merge_turns_back_into_the_finetuned_weig
     np.testing.assert_array_equal(merged["4.weight"], base["4.weight"])
 
 
+def test_extract_lora_bias_makes_merge_rebuild_the_finetuned_bias(capsys, checkpoints):
+    folder, base, ft = checkpoints
+    code, out, err = run(capsys, "extract", folder / "base.safetensors", folder / "ft.safetensors", "-r", 2,
+                         "-o", folder / "ad.safetensors", "--alpha", 4, "--lora-bias", "--no-progress")
+    assert code == 0, err
+    assert "0.bias: its change is 0.lora_bias" in out and "skipped 0.bias" not in out
+    adapter = lorac.load(folder / "ad.safetensors")
+    np.testing.assert_allclose(adapter["0.lora_bias"], np.full(10, 0.5, np.float32))   # change 1 over scaling 2
+    code, out, err = run(capsys, "merge", folder / "base.safetensors", folder / "ad.safetensors",
+                         "-o", folder / "merged.safetensors", "--no-progress")
+    assert code == 0, err
+    merged = lorac.load(folder / "merged.safetensors")
+    np.testing.assert_allclose(merged["0.bias"], ft["0.bias"], rtol=1e-6)
+    np.testing.assert_array_equal(merged["2.bias"], base["2.bias"])
+
+
 def test_extract_options_copy_changed_include_and_npz(capsys, checkpoints):
     folder, base, ft = checkpoints
     code, out, err = run(capsys, "extract", folder / "base.safetensors", folder / "ft.safetensors", "-r", 3,

@@ -262,3 +262,32 @@ def test_extract_adapter_skips_merged_linear_weights(rng):
     assert list(result.layers) == ["1"]
     assert result.skipped["0.weight"].startswith("a MergedLinear weight")
     assert extract_adapter(ft, base, 1, copy_changed=True).extra.keys() == {"0.weight", "0.bias", "1.bias"}
+
+
+def test_extract_adapter_carries_changed_biases_as_lora_bias(rng):
+    """lora_bias=True: the extracted Linear layers' bias changes become lora_bias (over the scaling),
+    so a model built with lora_bias=True computes the fine-tuned model exactly (rank-2 deltas); a
+    changed bias of a layer without an adapter (the LayerNorm) stays copied or skipped."""
+    base = architecture()
+    ft_state = finetune_low_rank(base, rng)
+    finetuned = architecture(seed=5)
+    finetuned.load_state_dict(ft_state)
+    base_state = {k: v.copy() for k, v in base.state_dict().items()}
+    result = extract_adapter(finetuned, base, 2, lora_alpha=4, lora_bias=True, copy_changed=True)
+    assert set(result.lora_biases) == {"1", "3"} and set(result.extra) == {"4.bias"}
+    state = result.state_dict()
+    np.testing.assert_allclose(state["3.lora_bias"] * 2.0, ft_state["3.bias"] - base_state["3.bias"], rtol=1e-12)
+    skipped = extract_adapter(finetuned, base, 2, lora_bias=True).skipped
+    assert set(skipped) == {"4.bias"}
+
+    adapted = lorac.Sequential(
+        lorac.Embedding(12, 6, r=2, lora_alpha=4, rng=0, dtype=np.float64),
+        lorac.Linear(6, 8, r=2, lora_alpha=4, rng=1, dtype=np.float64, lora_bias=True),
+        lorac.ReLU(),
+        lorac.Linear(8, 5, r=2, lora_alpha=4, fan_in_fan_out=True, rng=2, dtype=np.float64, lora_bias=True),
+        lorac.LayerNorm(5, dtype=np.float64))
+    adapted.load_state_dict(base_state, strict=False)
+    missing, unexpected = adapted.load_state_dict(state, strict=False)
+    assert not unexpected
+    tokens = rng.integers(0, 12, size=(3, 4))
+    np.testing.assert_allclose(adapted(tokens), finetuned(tokens), rtol=1e-9, atol=1e-9)

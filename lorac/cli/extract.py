@@ -8,6 +8,9 @@ alpha defaults to R, scaling 1).  Weights are taken as torch's (out, in)
 unless --fan-in-fan-out or --embedding says otherwise.  OUT (safetensors,
 or .npz by suffix) records each layer's alpha and layout in its metadata,
 so ``lorac merge BASE OUT`` rebuilds the approximated fine-tuned weights.
+With --lora-bias an extracted Linear layer's changed bias is written as
+its ``<path>.lora_bias`` (PEFT's lora_bias: the change over the scaling),
+which ``lorac merge`` adds back exactly.
 A progress bar (tqdm) shows on a terminal; the per-layer relative error
 ||delta - s B A||_F / ||delta||_F and captured energy are printed.
 """
@@ -45,6 +48,8 @@ def register(subparsers):
                         help="layer NAME is an embedding, its weight (num_embeddings, dim) (repeatable)")
     parser.add_argument("--copy-changed", action="store_true",
                         help="also write changed tensors that are not 2-D weights (biases, norms) whole")
+    parser.add_argument("--lora-bias", action="store_true",
+                        help="an extracted Linear layer's changed bias becomes its lora_bias (PEFT's lora_bias)")
     parser.add_argument("--randomized", action="store_true",
                         help="randomized SVD (range finder with power iterations), for large layers")
     parser.add_argument("--niter", type=int, default=2, metavar="N", help="--randomized: power iterations (2)")
@@ -74,7 +79,7 @@ def run(args):
     progress = partial(tqdm, desc="extracting", unit="layer", disable=True if args.no_progress else None)
     result = extract_adapter(finetuned, base, args.rank, args.alpha, include=args.include, exclude=args.exclude,
                              fan_in_fan_out=args.fan_in_fan_out, embeddings=args.embedding,
-                             use_rslora=args.rslora, copy_changed=args.copy_changed,
+                             use_rslora=args.rslora, copy_changed=args.copy_changed, lora_bias=args.lora_bias,
                              randomized=args.randomized, niter=args.niter, rng=args.seed, progress=progress)
     unknown = set(args.embedding) - set(result.layers)
     if unknown:
@@ -92,6 +97,8 @@ def run(args):
         print(f"skipped {key}: {reason}")
     for key in result.extra:
         print(f"copied {key} whole")
+    for path in result.lora_biases:
+        print(f"{path}.bias: its change is {path}.lora_bias")
 
     metadata = None
     if args.output.lower().endswith(".npz"):
@@ -100,7 +107,8 @@ def run(args):
         metadata = result.metadata()
     state = result.state_dict()
     checkpoint.save(state, args.output, metadata=metadata)
-    params = sum(layer.lora_A.size + layer.lora_B.size for layer in result.layers.values())
+    params = sum(layer.lora_A.size + layer.lora_B.size for layer in result.layers.values()) + \
+        sum(b.size for b in result.lora_biases.values())
     dense = sum(layer.lora_A.shape[1] * layer.lora_B.shape[0] for layer in result.layers.values())
     print(f"wrote {args.output}: {len(result.layers)} layer(s) at r={args.rank}, lora_alpha={result.lora_alpha:g}, "
           f"{params} parameters ({_percent(params / dense)} of the changed weights), "

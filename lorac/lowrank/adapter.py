@@ -17,6 +17,12 @@ its adapter's delta, like loralib's; a ``lorac.Linear`` says with its
 Modules; with state dicts pass ``fan_in_fan_out`` / ``embeddings``.
 ``lorac.MergedLinear`` weights are skipped (their fused adapter shape is
 not a plain LoRA pair).
+
+With ``lora_bias`` (PEFT's use case for its lora_bias: LoRA weights
+extracted from fully fine-tuned parameters), an extracted Linear layer
+whose ``<path>.bias`` changed also gets ``<path>.lora_bias = (b_finetuned -
+b_base) / scaling``, which ``Linear(lora_bias=True)`` and ``lorac merge``
+add back exactly.
 """
 
 import fnmatch
@@ -40,6 +46,8 @@ class ExtractedAdapter:
       their error report (``relative_error``, ``energy``, ...);
     - ``kinds``: {module path: "linear" | "embedding"};
     - ``extra``: {key: array}, changed tensors copied whole (``copy_changed``);
+    - ``lora_biases``: {module path: (out,) array}, the extracted layers'
+      lora_bias (``lora_bias``): their bias change over their scaling;
     - ``skipped``: {key: reason} for tensors that differ (or exist on one
       side only) but were not extracted;
     - ``unchanged``: keys whose values are identical in both models.
@@ -51,14 +59,18 @@ class ExtractedAdapter:
     layers: dict = field(default_factory=dict)
     kinds: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    lora_biases: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
     unchanged: list = field(default_factory=list)
 
     def state_dict(self):
-        """OrderedDict: ``<path>.lora_A``, ``<path>.lora_B`` per layer, then the copied tensors."""
+        """OrderedDict: ``<path>.lora_A``, ``<path>.lora_B`` (and ``<path>.lora_bias``) per layer,
+        then the copied tensors."""
         out = OrderedDict()
         for path, layer in self.layers.items():
             out.update(layer.state_dict(path))
+            if path in self.lora_biases:
+                out[f"{path}.lora_bias" if path else "lora_bias"] = self.lora_biases[path]
         out.update(self.extra)
         return out
 
@@ -126,7 +138,7 @@ def _layout(path, modules, fan_in_fan_out, embeddings):
 
 def extract_adapter(finetuned, base, r, lora_alpha=None, *, include=None, exclude=None, fan_in_fan_out=None,
                     embeddings=(), use_rslora=False, copy_changed=False, randomized=False, niter=2,
-                    oversample=10, rng=None, progress=None):
+                    oversample=10, rng=None, progress=None, lora_bias=False):
     """Extract a rank-r LoRA adapter from a fully fine-tuned model (module docstring).
 
     finetuned, base: lorac Modules or state dicts ({key: array}).  r >= 1;
@@ -137,6 +149,8 @@ def extract_adapter(finetuned, base, r, lora_alpha=None, *, include=None, exclud
     True or False for every non-embedding layer.  embeddings: module paths
     whose weights are embeddings.  copy_changed: also put changed tensors
     that are not 2-D weights (biases, norms) into the state dict, whole.
+    lora_bias: an extracted Linear layer's changed bias becomes its
+    lora_bias (module docstring) instead of being copied or skipped.
     randomized / niter / oversample / rng: ``low_rank_approx``'s options.
     progress: a callable wrapping the list of layer paths being extracted
     (e.g. ``tqdm.tqdm``).  Everything is checked before any SVD runs; the
@@ -165,7 +179,7 @@ def extract_adapter(finetuned, base, r, lora_alpha=None, *, include=None, exclud
             modules.update(model.named_modules())
 
     result = ExtractedAdapter(r=r, lora_alpha=alpha, use_rslora=use_rslora)
-    work = []
+    work, changed = [], {}   # changed: {key: (new, why not extracted)}, decided once the layers are known
     for key, new in ft_state.items():
         path, param = split_key(key)
         if not _selected(path, include, exclude):
@@ -182,13 +196,9 @@ def extract_adapter(finetuned, base, r, lora_alpha=None, *, include=None, exclud
             continue
         is_weight = param == "weight" and new.ndim == 2 and new.dtype.kind == "f" and old.dtype.kind == "f"
         layout = _layout(path, modules, fan_in_fan_out, embeddings) if is_weight else None
-        if layout is None:   # changed, but no plain LoRA pair can carry it
-            if copy_changed:
-                result.extra[key] = np.array(new, copy=True)
-            else:
-                reason = "a MergedLinear weight (fused adapters are not extracted)" if is_weight else \
-                    "changed, but not a 2-D float weight"
-                result.skipped[key] = reason + "; copy_changed=True keeps it whole"
+        if layout is None:   # changed, but no plain LoRA pair can carry it (a bias: maybe a lora_bias)
+            changed[key] = (new, "a MergedLinear weight (fused adapters are not extracted)" if is_weight else
+                            "changed, but not a 2-D float weight")
             continue
         as_matrix(new, f"finetuned[{key!r}]", func)   # finite values, checked before any SVD
         as_matrix(old, f"base[{key!r}]", func)
@@ -196,6 +206,18 @@ def extract_adapter(finetuned, base, r, lora_alpha=None, *, include=None, exclud
     for key in base_state:
         if key not in ft_state and _selected(split_key(key)[0], include, exclude):
             result.skipped[key] = "only in the base model"
+    outputs = {path: ft_state[key].shape[1 if transposed else 0]   # extracted Linear layers' out
+               for path, key, (kind, transposed) in work if kind == "linear"}
+    biased = {}   # path -> bias key carried as the layer's lora_bias
+    for key, (new, reason) in changed.items():
+        path, param = split_key(key)
+        if lora_bias and param == "bias" and path in outputs and new.shape == (outputs[path],) \
+                and new.dtype.kind == "f" and base_state[key].dtype.kind == "f":
+            biased[path] = key
+        elif copy_changed:
+            result.extra[key] = np.array(new, copy=True)
+        else:
+            result.skipped[key] = reason + "; copy_changed=True keeps it whole"
 
     paths = [item[0] for item in work]
     by_path = {item[0]: item for item in work}
@@ -205,4 +227,8 @@ def extract_adapter(finetuned, base, r, lora_alpha=None, *, include=None, exclud
                                            fan_in_fan_out=transposed, use_rslora=use_rslora,
                                            randomized=randomized, niter=niter, oversample=oversample, rng=rng)
         result.kinds[path] = kind
+    for path, key in biased.items():
+        layer = result.layers[path]
+        change = ft_state[key].astype(np.float64) - base_state[key].astype(np.float64)
+        result.lora_biases[path] = (change / layer.scaling).astype(layer.lora_B.dtype)
     return result
