@@ -30,6 +30,7 @@ from .peft import LoraConfig, get_peft_model, inject_lora, load_peft_adapter, sa
 from .adapters import (add_adapter, add_weighted_adapter, adapter_names, delete_adapter, disable_adapters,
                        load_adapter, merge_adapter, merge_and_unload, save_adapter, set_adapter, unload,
                        unmerge_adapter)
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 # the low-rank toolkit
 from . import lowrank
 from .lowrank import extract_adapter, extract_lora, projection_distance, rank_report, subspace_similarity
@@ -46,5 +47,6 @@ __all__ = [
     "save", "load", "load_peft_adapter", "save_peft_adapter", "inject_lora", "LoraConfig", "get_peft_model",
     "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge_adapter", "unmerge_adapter",
     "merge_and_unload", "unload", "add_weighted_adapter", "load_adapter", "save_adapter", "adapter_names",
+    "get_layer_status", "get_model_status", "TunerLayerStatus", "TunerModelStatus",
     "lowrank", "extract_lora", "extract_adapter", "subspace_similarity", "projection_distance", "rank_report",
 ]

@@ -145,13 +145,17 @@ def add_adapter(model, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False
     return model
 
 
-def set_adapter(model, adapter_names):
+def set_adapter(model, adapter_names, inference_mode=False):
     """Make `adapter_names` (a name or a list: summed) the active adapters of
-    every LoRA layer; a layer lacking some of them uses those it has."""
+    every LoRA layer; a layer lacking some of them uses those it has.  As
+    PEFT's, the active adapters train (unless ``inference_mode``) and the
+    others are frozen."""
     names = names_list(adapter_names)
     _require_known(model, names, "set_adapter")
+    if not isinstance(inference_mode, bool):
+        raise TypeError(f"set_adapter: inference_mode must be a bool, got {type(inference_mode).__name__}")
     for _, layer in adapter_layers(model):
-        layer.set_adapter([n for n in names if n in layer.adapter_names])
+        layer.set_adapter([n for n in names if n in layer.adapter_names], inference_mode)
     return model
 
 

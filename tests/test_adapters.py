@@ -714,3 +714,43 @@ def test_reset_adapter_on_a_merged_layer_keeps_the_base_weight(make):
     for key, value in base.items():
         np.testing.assert_allclose(getattr(layer, key).data, value, rtol=1e-12, atol=1e-12, err_msg=key)
     np.testing.assert_allclose(layer(x), merged_out, rtol=1e-10, atol=1e-12)
+
+
+def test_set_adapter_trains_the_active_adapters_and_freezes_the_others_as_peft():
+    net = net_with_adapters()
+    layer = net.qkv
+    trains = {name: [p.requires_grad for p in layer.adapter_owned_parameters(name)] for name in layer.adapter_names}
+    assert trains == {"default": [True, True], "a": [False, False], "b": [False, False]}   # added: frozen
+    lorac.set_adapter(net, ["a", "b"])
+    assert all(p.requires_grad for n in ("a", "b") for p in layer.adapter_owned_parameters(n))
+    assert not any(p.requires_grad for p in layer.adapter_owned_parameters("default"))
+    lorac.set_adapter(net, "a", inference_mode=True)
+    assert not any(p.requires_grad for n in layer.adapter_names for p in layer.adapter_owned_parameters(n))
+    with pytest.raises(TypeError, match="inference_mode must be a bool"):
+        lorac.set_adapter(net, "a", inference_mode="yes")
+
+
+def test_disable_adapters_freezes_them_inside_and_restores_each_flag():
+    net = net_with_adapters()
+    layer = net.qkv
+    layer.lora_A.requires_grad = False   # LoRA-FA style: a user's own choice survives
+    before = {n: p.requires_grad for n, p in layer.named_parameters()}
+    with lorac.disable_adapters(net):
+        assert not any(p.requires_grad for n, p in layer.named_parameters() if n.startswith("lora_"))
+        status = lorac.get_model_status(net)
+        assert status.enabled is False and set(status.requires_grad.values()) == {False}
+    assert {n: p.requires_grad for n, p in layer.named_parameters()} == before
+
+
+def test_model_status_marks_layers_that_disagree():
+    net = net_with_adapters()
+    status = lorac.get_model_status(net)
+    assert status.num_adapter_layers == len(lorac.get_layer_status(net)) >= 2
+    assert status.active_adapters == ["default"] and status.merged_adapters == []
+    assert status.available_adapters == ["a", "b", "default"] and status.enabled is True
+    net.qkv.merge(["a"])
+    net.qkv.lora_B.requires_grad = False
+    status = lorac.get_model_status(net)
+    assert status.merged_adapters == "irregular" and status.requires_grad["default"] == "irregular"
+    net.qkv.set_adapter("b")
+    assert lorac.get_model_status(net).active_adapters == "irregular"

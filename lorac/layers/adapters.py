@@ -212,6 +212,15 @@ class NamedAdapters(ThreadState):
     def _dropout_of(self, name):
         return self.lora_dropout if name == DEFAULT else self._adapters[name].lora_dropout
 
+    def adapter_owned_parameters(self, name):
+        """Every Parameter of adapter `name`: lora_A, lora_B, and for "default" a lora_bias and a
+        DoRA layer's lora_magnitude_vector (what PEFT's set_adapter trains or freezes)."""
+        owned = list(self.adapter_parameters(name))
+        owned += [p for p in (self.lora_bias_parameter(name),
+                              self._parameters.get("lora_magnitude_vector") if name == DEFAULT else None)
+                  if p is not None]
+        return owned
+
     def lora_bias_parameter(self, name=DEFAULT):
         """The Parameter ``lora_bias`` (out,) of adapter `name` (PEFT's lora_bias), or None."""
         return self._parameters.get(LORA_BIAS) if name == DEFAULT else None
@@ -246,7 +255,8 @@ class NamedAdapters(ThreadState):
         with the QR factorisation), 'orthogonal' (B A = 0, both random), or PEFT's True
         ('kaiming') / False (both random: a non-trivial adapter, for tests).  rng: seed or
         Generator (default: the layer's).  The base weight is frozen (as in
-        any LoRA layer).  The adapter is not active until ``set_adapter``.
+        any LoRA layer).  The adapter is not active until ``set_adapter``,
+        which also makes it trainable: until then it is frozen, as PEFT's.
         "default" is the constructor's adapter and cannot be added."""
         check_new_name(name)
         if name == DEFAULT:
@@ -273,8 +283,8 @@ class NamedAdapters(ThreadState):
         gen = self.rng if rng is None else as_generator(rng)
         start = self._start_arrays(spec, r, config.scaling, gen, func)   # everything checked: now change
         a_name, b_name = param_names(name)
-        self.register_parameter(a_name, Parameter(start.lora_A))
-        self.register_parameter(b_name, Parameter(start.lora_B))
+        self.register_parameter(a_name, Parameter(start.lora_A, requires_grad=False))   # inactive: frozen
+        self.register_parameter(b_name, Parameter(start.lora_B, requires_grad=False))
         self._adapters[name] = config
         weight = self._parameters["weight"]
         if start.weight is not None:
@@ -340,14 +350,20 @@ class NamedAdapters(ThreadState):
                             rng=rng, dtype=self.dtype, func=func)
 
     @locked
-    def set_adapter(self, adapter_names):
+    def set_adapter(self, adapter_names, inference_mode=False):
         """Make `adapter_names` (a name or a list, summed) the active adapters.
 
-        A merged layer (eval() with merge_weights) stays merged: the old
-        adapters are unmerged and the new ones merged."""
+        As PEFT's: the active adapters' parameters become trainable (frozen
+        with ``inference_mode``) and every other adapter's frozen.  A merged
+        layer (eval() with merge_weights) stays merged: the old adapters are
+        unmerged and the new ones merged."""
         names = names_list(adapter_names)
         for name in names:
             self._require_adapter(name)
+        inference_mode = _checked_bool(inference_mode, "inference_mode")
+        for name in self._adapters:
+            for param in self.adapter_owned_parameters(name):
+                param.requires_grad = name in names and not inference_mode
         if self._adapters_disabled:
             self.active_adapters = names
             self._changed()
@@ -386,7 +402,9 @@ class NamedAdapters(ThreadState):
         outputs are those of the base weight exactly when nothing was merged,
         and within the rounding of one merge / unmerge round trip otherwise
         (as PEFT).  Nested uses are fine; train()/eval() inside keep the
-        weight unmerged and take effect on exit."""
+        weight unmerged and take effect on exit.  As PEFT's, the adapters'
+        parameters are frozen inside; on exit each gets back the
+        requires_grad it had on entry."""
         if self._adapters_disabled:
             self._adapters_disabled += 1
             try:
@@ -395,13 +413,19 @@ class NamedAdapters(ThreadState):
                 self._adapters_disabled -= 1
             return
         merged, was_merged, training = self.merged_adapters, self.merged, self.training
+        owned = [p for name in self._adapters for p in self.adapter_owned_parameters(name)]
+        trainable = [p.requires_grad for p in owned]
         self.unmerge()
         self._adapters_disabled = 1
+        for param in owned:
+            param.requires_grad = False
         self._changed()
         try:
             yield self
         finally:
             self._adapters_disabled = 0
+            for param, flag in zip(owned, trainable):
+                param.requires_grad = flag
             self._changed()
             if self.training != training and self.merge_weights:
                 if not self.training:   # eval() inside: merge now, as eval() would have
