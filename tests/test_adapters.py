@@ -754,3 +754,29 @@ def test_model_status_marks_layers_that_disagree():
     assert status.merged_adapters == "irregular" and status.requires_grad["default"] == "irregular"
     net.qkv.set_adapter("b")
     assert lorac.get_model_status(net).active_adapters == "irregular"
+
+
+def test_set_adapter_inside_disable_adapters_applies_on_exit():
+    net = net_with_adapters()
+    layer = net.qkv
+    with lorac.disable_adapters(net):
+        lorac.set_adapter(net, "a")
+        assert not any(p.requires_grad for n in layer.adapter_names for p in layer.adapter_owned_parameters(n))
+    assert [p.requires_grad for p in layer.adapter_owned_parameters("a")] == [True, True]
+    assert not any(p.requires_grad for n in ("default", "b") for p in layer.adapter_owned_parameters(n))
+
+
+def test_reset_adapter_leaves_other_merged_adapters_merged():
+    net = net_with_adapters()
+    layer = net.proj
+    x = make_input("linear", np.random.default_rng(1))
+    layer.merge(["a"])
+    before = layer.weight.data.copy()
+    layer.reset_adapter("b")
+    assert layer.merged_adapters == ("a",)
+    np.testing.assert_array_equal(layer.weight.data, before)
+    layer.unmerge()
+    lorac.set_adapter(net, "a")
+    expected = layer(x)
+    layer.merge()
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-12, atol=1e-12)

@@ -175,6 +175,7 @@ class NamedAdapters(ThreadState):
         self.active_adapters = (DEFAULT,) if has_default else ()
         self.merged_adapters = ()
         self._adapters_disabled = 0
+        self._train_on_enable = None   # disable_adapters(): set_adapter's rule to apply on exit, if called inside
         self._mixed_users = 0
         self._adapter_version = 0
         self._plain = True
@@ -317,7 +318,8 @@ class NamedAdapters(ThreadState):
                                                                      self.dtype)
         # everything checked: a merged adapter leaves the base weight (and bias) while its values change
         merged = self.merged_adapters if name in self.merged_adapters else ()
-        self.unmerge()   # a no-op unless merged
+        if merged:
+            self.unmerge()
         lora_a, lora_b = self.adapter_parameters(name)
         lora_a.data[...], lora_b.data[...] = start.lora_A, start.lora_B
         lora_a.grad = lora_b.grad = None
@@ -361,13 +363,12 @@ class NamedAdapters(ThreadState):
         for name in names:
             self._require_adapter(name)
         inference_mode = _checked_bool(inference_mode, "inference_mode")
-        for name in self._adapters:
-            for param in self.adapter_owned_parameters(name):
-                param.requires_grad = name in names and not inference_mode
-        if self._adapters_disabled:
+        if self._adapters_disabled:   # frozen until disable_adapters() ends, which then applies this rule
+            self._train_on_enable = not inference_mode
             self.active_adapters = names
             self._changed()
             return self
+        self._train_only(names, not inference_mode)
         was_merged = self.merged
         self.unmerge()
         self.active_adapters = names
@@ -375,6 +376,12 @@ class NamedAdapters(ThreadState):
             self.merge()
         self._changed()
         return self
+
+    def _train_only(self, names, trainable=True):
+        """requires_grad = trainable for adapters `names`, False for every other adapter."""
+        for name in self._adapters:
+            for param in self.adapter_owned_parameters(name):
+                param.requires_grad = trainable and name in names
 
     @locked
     def delete_adapter(self, name):
@@ -404,7 +411,7 @@ class NamedAdapters(ThreadState):
         (as PEFT).  Nested uses are fine; train()/eval() inside keep the
         weight unmerged and take effect on exit.  As PEFT's, the adapters'
         parameters are frozen inside; on exit each gets back the
-        requires_grad it had on entry."""
+        requires_grad it had on entry (set_adapter inside: its rule)."""
         if self._adapters_disabled:
             self._adapters_disabled += 1
             try:
@@ -417,6 +424,7 @@ class NamedAdapters(ThreadState):
         trainable = [p.requires_grad for p in owned]
         self.unmerge()
         self._adapters_disabled = 1
+        self._train_on_enable = None   # set_adapter inside: whether its adapters train on exit
         for param in owned:
             param.requires_grad = False
         self._changed()
@@ -424,8 +432,11 @@ class NamedAdapters(ThreadState):
             yield self
         finally:
             self._adapters_disabled = 0
-            for param, flag in zip(owned, trainable):
-                param.requires_grad = flag
+            if self._train_on_enable is None:
+                for param, flag in zip(owned, trainable):
+                    param.requires_grad = flag
+            else:
+                self._train_only(self.active_adapters, self._train_on_enable)
             self._changed()
             if self.training != training and self.merge_weights:
                 if not self.training:   # eval() inside: merge now, as eval() would have
