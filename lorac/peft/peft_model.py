@@ -38,8 +38,9 @@ DEFAULT = "default"
 class LoraConfig:
     """The fields of PEFT's LoraConfig that lorac implements, with PEFT's
     defaults; a field PEFT has and lorac does not is a TypeError (unexpected
-    keyword).  ``task_type`` and ``inference_mode`` are accepted for scripts
-    written for PEFT and change nothing."""
+    keyword).  ``task_type`` is accepted for scripts written for PEFT and
+    changes nothing; ``inference_mode`` freezes the adapters and the modules
+    to save, as PEFT's (the biases ``bias`` names still train there too)."""
 
     r: int = 8
     target_modules: object = None
@@ -95,9 +96,14 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
         if gaussian and layer_kind(module) == "linear" and module.r > 0 and id(module) not in adapted_before:
             module.reset_adapter(init="gaussian", init_std=1.0 / module.r)
     mark_only_lora_as_trainable(model, config.bias)
-    for module in saved:
-        for param in module.parameters():
-            param.requires_grad = True
+    if config.inference_mode:   # PEFT's: adapters and modules to save frozen, its bias rule kept
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad = False
+    else:
+        for module in saved:
+            for param in module.parameters():
+                param.requires_grad = True
     model.peft_config = {DEFAULT: config}
     return model
 

@@ -50,6 +50,8 @@ CONFIGS = {
                                           rank_pattern={"up_proj": 2}, alpha_pattern={"k_proj": 3}),
     "all biases, rslora, all-linear": dict(target_modules="all-linear", bias="all", use_rslora=True,
                                            exclude_modules=["lm_head"]),
+    "inference mode": dict(target_modules=["q_proj", "embed_tokens"], inference_mode=True),
+    "inference mode keeps the bias rule": dict(target_modules=["v_proj"], inference_mode=True, bias="lora_only"),
 }
 
 
@@ -63,6 +65,13 @@ def test_the_same_parameters_train_and_the_counts_match(config, capsys):
     lorac.print_trainable_parameters(ours)
     assert capsys.readouterr().out == expected
     assert ours.peft_config["default"].r == config.get("r", 8)
+
+
+def test_inference_mode_freezes_modules_to_save_too():
+    """(PEFT counts a module to save twice, its trained copy and the original, so only the names compare.)"""
+    ours, wrapped = both(target_modules=["q_proj"], modules_to_save=["norm"], inference_mode=True)
+    mine, theirs = trainable(ours, wrapped)
+    assert mine == theirs == []
 
 
 def test_modules_to_save_train_and_are_saved_from_the_config(tmp_path):
