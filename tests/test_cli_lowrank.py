@@ -34,6 +34,14 @@ def table_row(out, first):
     raise AssertionError(f"no row {first!r} in:\n{out}")
 
 
+def merge_base(capsys, folder):
+    """`lorac merge base.safetensors ad.safetensors` in `folder`: the merged state dict."""
+    code, _, err = run(capsys, "merge", folder / "base.safetensors", folder / "ad.safetensors",
+                       "-o", folder / "merged.safetensors", "--no-progress")
+    assert code == 0, err
+    return lorac.load(folder / "merged.safetensors")
+
+
 @pytest.fixture
 def checkpoints(tmp_path, rng):
     """base / finetuned safetensors of a 3-layer MLP: layer '0' changed by a rank-2 delta, '2' by a
@@ -72,10 +80,7 @@ def test_extract_writes_an_adapter_that_merge_turns_back_into_the_finetuned_weig
     meta = lorac.checkpoint.read_metadata(folder / "ad.safetensors")
     assert meta["lora_alpha"] == "8"
 
-    code, out, err = run(capsys, "merge", folder / "base.safetensors", folder / "ad.safetensors",
-                         "-o", folder / "merged.safetensors", "--no-progress")
-    assert code == 0, err
-    merged = lorac.load(folder / "merged.safetensors")
+    merged = merge_base(capsys, folder)
     np.testing.assert_allclose(merged["0.weight"], ft["0.weight"], atol=1e-5)
     np.testing.assert_array_equal(merged["4.weight"], base["4.weight"])
 
@@ -88,10 +93,7 @@ def test_extract_lora_bias_makes_merge_rebuild_the_finetuned_bias(capsys, checkp
     assert "0.bias: its change is 0.lora_bias" in out and "skipped 0.bias" not in out
     adapter = lorac.load(folder / "ad.safetensors")
     np.testing.assert_allclose(adapter["0.lora_bias"], np.full(10, 0.5, np.float32))   # change 1 over scaling 2
-    code, out, err = run(capsys, "merge", folder / "base.safetensors", folder / "ad.safetensors",
-                         "-o", folder / "merged.safetensors", "--no-progress")
-    assert code == 0, err
-    merged = lorac.load(folder / "merged.safetensors")
+    merged = merge_base(capsys, folder)
     np.testing.assert_allclose(merged["0.bias"], ft["0.bias"], rtol=1e-6)
     np.testing.assert_array_equal(merged["2.bias"], base["2.bias"])
 

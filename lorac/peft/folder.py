@@ -93,7 +93,8 @@ def read_peft_folder(path, adapter_name=None):
     state = checkpoint.load(source)
     names = ("default",) if adapter_name in (None, "default") else ("default", adapter_name)
 
-    halves, extra, extra_source, magnitudes, lora_biases = {}, {}, {}, {}, {}
+    halves, extra, extra_source = {}, {}, {}
+    vectors = {"dora": {}, "lora_bias": {}}   # kind -> {path: (key, value)}: magnitudes, lora_biases
     for key, value in state.items():
         try:
             parsed = parse_key(key, names)
@@ -104,17 +105,13 @@ def read_peft_folder(path, adapter_name=None):
                                   "parameter or a modules_to_save parameter")
         if parsed.ignored:
             continue
-        if parsed.kind == "dora":
-            if parsed.path in magnitudes:
-                raise PeftFolderError(f"{source}: {key!r} and {magnitudes[parsed.path][0]!r} both give the "
-                                      f"DoRA magnitude of {parsed.path!r}")
-            magnitudes[parsed.path] = (key, value)
-            continue
-        if parsed.kind == "lora_bias":
-            if parsed.path in lora_biases:
-                raise PeftFolderError(f"{source}: {key!r} and {lora_biases[parsed.path][0]!r} both give the "
-                                      f"lora_bias of {parsed.path!r}")
-            lora_biases[parsed.path] = (key, value)
+        if parsed.kind in vectors:   # one (out,) vector per layer
+            found = vectors[parsed.kind]
+            if parsed.path in found:
+                what = "DoRA magnitude" if parsed.kind == "dora" else "lora_bias"
+                raise PeftFolderError(f"{source}: {key!r} and {found[parsed.path][0]!r} both give the "
+                                      f"{what} of {parsed.path!r}")
+            found[parsed.path] = (key, value)
             continue
         if parsed.kind is not None:
             slot = halves.setdefault(parsed.path, {})
@@ -155,8 +152,8 @@ def read_peft_folder(path, adapter_name=None):
             a, b, kind=a_kind, lora_alpha=config.alpha_for(path), use_rslora=config.use_rslora,
             fan_in_fan_out=config.fan_in_fan_out if a_kind == "linear" else False, keys=(a_key, b_key))
     _apply_layouts(adapter, checkpoint.read_metadata(source).get(LAYOUT_KEY), source)
-    _attach_magnitudes(adapter, magnitudes, config, source)
-    _attach_lora_biases(adapter, lora_biases, config, source)
+    _attach_magnitudes(adapter, vectors["dora"], config, source)
+    _attach_lora_biases(adapter, vectors["lora_bias"], config, source)
     return adapter, config
 
 
@@ -183,18 +180,8 @@ def _attach_magnitudes(adapter, magnitudes, config, source):
     """Give each DoRA layer its magnitude vector: with use_dora, every adapted
     layer needs one (out,) float vector (an Embedding's out: embedding_dim);
     without, there must be none."""
-    if magnitudes and not config.use_dora:
-        key = next(iter(magnitudes.values()))[0]
-        raise PeftFolderError(f"{source}: {key!r} is a DoRA magnitude vector but adapter_config.json does not "
-                              "set use_dora")
-    for path, (key, value) in magnitudes.items():
-        layer = adapter.layers.get(path)
-        if layer is None:
-            raise PeftFolderError(f"{source}: {key!r} has no lora_A / lora_B of its layer {path!r}")
-        try:
-            layer.attach_magnitude(value, key, source)
-        except AdapterError as exc:
-            raise PeftFolderError(str(exc)) from None
+    _attach_vectors(adapter, magnitudes, config.use_dora, "use_dora", "a DoRA magnitude vector", "attach_magnitude",
+                    source)
     if config.use_dora:
         lacking = [p for p, layer in adapter.layers.items() if layer.magnitude is None]
         if lacking:
@@ -206,21 +193,28 @@ def _attach_lora_biases(adapter, lora_biases, config, source):
     """Give each Linear layer its lora_bias (lora_B.bias, (out,)): only with lora_bias set in the config,
     which Embedding adapters refuse, as PEFT does.  A Linear layer the file gives none keeps None:
     PEFT's own load would leave its bias at its zero init."""
-    if lora_biases and not config.lora_bias:
-        key = next(iter(lora_biases.values()))[0]
-        raise PeftFolderError(f"{source}: {key!r} is a lora_bias (lora_B.bias) but adapter_config.json does not "
-                              "set lora_bias")
     if config.lora_bias:
         embedding = next((p for p, layer in adapter.layers.items() if layer.kind == "embedding"), None)
         if embedding is not None:
             raise PeftFolderError(f"{source}: lora_bias is set but {embedding!r} is an Embedding adapter; PEFT's "
                                   "lora_bias is for Linear layers only")
-    for path, (key, value) in lora_biases.items():
+    _attach_vectors(adapter, lora_biases, config.lora_bias, "lora_bias", "a lora_bias (lora_B.bias)",
+                    "attach_lora_bias", source)
+
+
+def _attach_vectors(adapter, found, allowed, field, what, method, source):
+    """Hand each per-layer vector of ``found`` ({path: (key, value)}) to its LayerAdapter's ``method``,
+    which checks it; PeftFolderError when the config's ``field`` does not allow them (``allowed``
+    false), for a vector without its layer, or for one the method refuses."""
+    if found and not allowed:
+        key = next(iter(found.values()))[0]
+        raise PeftFolderError(f"{source}: {key!r} is {what} but adapter_config.json does not set {field}")
+    for path, (key, value) in found.items():
         layer = adapter.layers.get(path)
         if layer is None:
             raise PeftFolderError(f"{source}: {key!r} has no lora_A / lora_B of its layer {path!r}")
         try:
-            layer.attach_lora_bias(value, key, source)
+            getattr(layer, method)(value, key, source)
         except AdapterError as exc:
             raise PeftFolderError(str(exc)) from None
 
