@@ -622,3 +622,17 @@ def test_named_adapters_as_peft_folders(tmp_path, rng):
     with pytest.raises(ValueError, match="is a DoRA magnitude"):
         lorac.load_adapter(plain, tmp_path / "dora", "y")
     assert "y" not in twin.fc.adapter_names and plain[0].adapter_names == ("default",)
+
+
+@pytest.mark.parametrize("keys, config, match", [
+    (("0.lora_magnitude_vector", "0.lora_magnitude_vector.weight"), dict(use_dora=True),
+     "both give the DoRA magnitude of '0'"),
+    (("0.lora_B.bias", "0.lora_B.default.bias"), dict(lora_bias=True), "both give the lora_bias of '0'"),
+])
+def test_a_layer_vector_given_twice_is_refused(tmp_path, rng, keys, config, match):
+    tensors = adapter_tensors(rng, layers=(0,))
+    for key in keys:
+        tensors["base_model.model." + key] = np.ones(8, np.float32)
+    folder = write_folder(tmp_path / "f", tensors, **config)
+    with pytest.raises(ValueError, match=match):
+        lorac.load_peft_adapter(lorac_mlp(), folder)
