@@ -88,7 +88,7 @@ def _require_known(model, names, func):
 # -- adding, choosing, deleting ---------------------------------------------------
 def add_adapter(model, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False, init="kaiming",
                 target_modules=None, rng=None, init_std=None, *, exclude_modules=None, rank_pattern=None,
-                alpha_pattern=None, layers_to_transform=None, layers_pattern=None):
+                alpha_pattern=None, layers_to_transform=None, layers_pattern=None, lora_bias=False):
     """Add adapter `name` (rank r, its own alpha / dropout / rsLoRA) to LoRA layers of `model`.
 
     target_modules: None -- every LoRA layer that already holds an adapter
@@ -99,7 +99,8 @@ def add_adapter(model, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False
     exclude_modules, rank_pattern, alpha_pattern, layers_to_transform,
     layers_pattern: PEFT's LoraConfig fields, as ``lorac.inject_lora``
     takes them (the last two need target_modules).
-    Embedding layers get no dropout.  init, init_std, rng: see ``Linear.add_adapter``.
+    Embedding layers get no dropout.  init, init_std, rng, lora_bias (PEFT's; every chosen
+    layer must be a Linear with a bias): see ``Linear.add_adapter``.
     The adapter is not active until ``set_adapter``.  Everything is checked
     before any layer changes.  Returns the model."""
     check_new_name(name)
@@ -138,10 +139,12 @@ def add_adapter(model, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False
             raise ValueError(f"add_adapter: layer {path!r} already has an adapter {name!r}")
         if spec.name in BASE_CHANGING:
             layer._check_base_change_allowed(spec, f"add_adapter: layer {path!r}", others=layer.adapter_names)
+        if lora_bias:
+            layer._check_lora_bias_allowed(spec, f"add_adapter: layer {path!r}")
     gen = as_generator(rng) if rng is not None else None
     for (_, layer), (layer_r, layer_alpha) in zip(chosen, settings):
         dropout = 0.0 if layer._adapter_geometry()[3] == "embedding" else lora_dropout
-        layer.add_adapter(name, layer_r, layer_alpha, dropout, use_rslora, spec, gen)
+        layer.add_adapter(name, layer_r, layer_alpha, dropout, use_rslora, spec, gen, lora_bias=lora_bias)
     return model
 
 
@@ -532,7 +535,9 @@ def save_adapter(model, path, adapter_name=DEFAULT):
 def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, strict=True):
     """Load a loralib-style adapter file into adapter `adapter_name` of `model`.
 
-    The file holds ``<layer>.lora_A`` / ``<layer>.lora_B`` (what
+    The file holds ``<layer>.lora_A`` / ``<layer>.lora_B`` and maybe PEFT's
+    ``<layer>.lora_bias``, which the adapter then has (and loses without
+    one: the file's adapter replaces it whole) (what
     ``save_adapter`` or ``lora_state_dict(model, adapter=...)`` write, or a
     loralib checkpoint); ``path`` may also be a PEFT adapter folder (PEFT's
     ``load_adapter(folder, adapter_name)``), its ranks, alphas and rsLoRA
@@ -561,18 +566,16 @@ def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, st
     state, records, g_alpha, g_rslora = _adapter_file(path)
 
     layers = dict(adapter_layers(model))
-    halves, unexpected = {}, []
+    halves, biases, unexpected = {}, {}, []
     for key, value in state.items():
         lpath, _, param = key.rpartition(".")
         if param == "lora_magnitude_vector":
             raise ValueError(f"load_adapter: {path}: {key!r} is a DoRA magnitude: the file holds a DoRA adapter, "
                              "which named adapters cannot take; load it with model.load_state_dict(..., "
                              "strict=False) into DoRA layers (lorac.inject_lora(..., use_dora=True))")
-        if param == "lora_bias":
-            raise ValueError(f"load_adapter: {path}: {key!r} is PEFT's lora_bias, which named adapters cannot "
-                             "take; load it with model.load_state_dict(..., strict=False) into layers built with "
-                             "lora_bias=True (or a PEFT folder with lorac.load_peft_adapter)")
-        if param in ("lora_A", "lora_B") and lpath in layers:
+        if param == "lora_bias" and lpath in layers:
+            biases[lpath] = (key, np.asarray(value))
+        elif param in ("lora_A", "lora_B") and lpath in layers:
             halves.setdefault(lpath, {})[param] = (key, np.asarray(value))
         else:
             unexpected.append(key)
@@ -609,7 +612,11 @@ def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, st
         rslora = use_rslora if use_rslora is not None else record.get("use_rslora", g_rslora)
         rslora = (current.use_rslora if current is not None else False) if rslora is None else bool(rslora)
         dropout = current.lora_dropout if current is not None else 0.0
-        plans.append((layer, has, AdapterConfig(r, alpha, dropout, rslora), a, b))
+        bias = _checked_lora_bias(layer, lpath, biases.pop(lpath, None), path)
+        plans.append((layer, has, AdapterConfig(r, alpha, dropout, rslora), a, b, bias))
+    if biases:
+        key = next(iter(biases.values()))[0]
+        raise ValueError(f"load_adapter: {path}: {key!r} has no lora_A / lora_B of its layer in the file")
     covered = {id(layer) for layer, *_ in plans}
     missing = [f"{p}.{n}" if p else n for p, layer in layers.items()
                if adapter_name in layer.adapter_names and id(layer) not in covered for n in ("lora_A", "lora_B")]
@@ -621,11 +628,24 @@ def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, st
             parts.append("unexpected keys: " + ", ".join(repr(k) for k in unexpected))
         raise StateDictKeyError(f"load_adapter({adapter_name!r}) from {path}: " + "; ".join(parts),
                                 missing, unexpected)
-    for layer, has, config, a, b in plans:
+    for layer, has, config, a, b, bias in plans:
         if not has:
             layer.add_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
-        layer._replace_adapter(adapter_name, a, b, config)
+        layer._replace_adapter(adapter_name, a, b, config, lora_bias=bias)
     return IncompatibleKeys(missing, unexpected)
+
+
+def _checked_lora_bias(layer, lpath, found, path):
+    """The file's lora_bias (key, array) of layer ``lpath`` checked, or None without one."""
+    if found is None:
+        return None
+    key, value = found
+    layer._check_lora_bias_allowed(check_init(False), f"load_adapter: {path}: {key!r}")
+    out = layer._adapter_geometry()[2]
+    if value.shape != (out,) or value.dtype.kind != "f":
+        raise ValueError(f"load_adapter: {path}: {key!r} must be a 1-D float array of the layer's {out} outputs, "
+                         f"got shape {value.shape} dtype {value.dtype}")
+    return value
 
 
 def _adapter_file(path):

@@ -212,19 +212,88 @@ def test_a_peft_folder_gives_zeros_to_layers_without_one(tmp_path):
     np.testing.assert_allclose(other(x), net(x), rtol=1e-12)
 
 
-def test_save_adapter_writes_it_and_load_adapter_refuses_it(tmp_path):
+def test_save_adapter_and_load_adapter_carry_it(tmp_path):
     net = lorac.Sequential(layer())
     lorac.save_adapter(net, tmp_path / "a.safetensors")
     assert "0.lora_bias" in lorac.load(tmp_path / "a.safetensors")
-    with pytest.raises(ValueError, match="is PEFT's lora_bias, which named adapters cannot take"):
-        lorac.load_adapter(net, tmp_path / "a.safetensors", "x")
-    lorac.save_peft_adapter(net, tmp_path / "folder")
-    with pytest.raises(ValueError, match="lora_bias"):
-        lorac.load_adapter(net, tmp_path / "folder", "x")
-    assert net[0].adapter_names == ("default",)
+    lorac.load_adapter(net, tmp_path / "a.safetensors", "x")
+    np.testing.assert_array_equal(net[0].lora_bias_x.data, net[0].lora_bias.data)
+    x = np.random.default_rng(7).standard_normal((2, IN))
+    expected = net(x)
+    lorac.set_adapter(net, "x")
+    np.testing.assert_allclose(net(x), expected, rtol=1e-12)
+    lorac.save_peft_adapter(net, tmp_path / "folder", adapter_name="x")
+    lorac.load_adapter(net, tmp_path / "folder", "y")
+    np.testing.assert_array_equal(net[0].lora_bias_y.data, net[0].lora_bias.data)
     fresh = lorac.Sequential(layer())
     fresh.load_state_dict(lorac.load(tmp_path / "a.safetensors"), strict=False)
     np.testing.assert_array_equal(fresh[0].lora_bias.data, net[0].lora_bias.data)
+
+
+def test_hot_swapping_a_file_without_one_removes_it_merged_or_not(tmp_path):
+    net = lorac.Sequential(layer())
+    base_bias = net[0].bias.data.copy()
+    plain = lorac.Sequential(lorac.Linear(IN, OUT, r=R, lora_alpha=ALPHA, dtype=np.float64, rng=3, init=False))
+    lorac.save_adapter(plain, tmp_path / "plain.safetensors")
+    net.eval()   # merged: the swap takes s * lora_bias out of the base bias
+    lorac.load_adapter(net, tmp_path / "plain.safetensors", "default")
+    assert net[0].lora_bias_parameter() is None and net[0]._plain
+    net.train()
+    np.testing.assert_allclose(net[0].bias.data, base_bias, rtol=1e-14, atol=1e-14)
+
+
+def test_load_adapter_refuses_a_lora_bias_it_cannot_take(tmp_path):
+    net = lorac.Sequential(layer())
+    lorac.save_adapter(net, tmp_path / "a.safetensors")
+    state = lorac.load(tmp_path / "a.safetensors")
+    no_bias = lorac.Sequential(lorac.Linear(IN, OUT, r=R, bias=False, dtype=np.float64, rng=0))
+    with pytest.raises(ValueError, match="needs the layer's bias"):
+        lorac.load_adapter(no_bias, tmp_path / "a.safetensors", "x", lora_alpha=1)
+    for bad, match in ((dict(state, **{"0.lora_bias": np.ones(OUT + 1)}), "1-D float array of the layer's 4"),
+                       ({"0.lora_bias": state["0.lora_bias"]}, "has no lora_A / lora_B of its layer")):
+        lorac.save(bad, tmp_path / "bad.safetensors")
+        with pytest.raises(ValueError, match=match):
+            lorac.load_adapter(net, tmp_path / "bad.safetensors", "x", lora_alpha=1)
+    assert net[0].adapter_names == ("default",) and no_bias[0].adapter_names == ("default",)
+
+
+def test_named_adapters_with_lora_bias_forward_train_merge_and_mix():
+    net = lorac.Sequential(layer())
+    lorac.add_adapter(net, "x", r=1, lora_alpha=3, init=False, rng=4, lora_bias=True)
+    made = net[0]
+    assert not made.lora_bias_x.requires_grad and np.abs(made.lora_bias_x.data).max() > 0
+    xs = np.random.default_rng(8).standard_normal((3, IN))
+    w, b = made.weight.data, made.bias.data.copy()
+
+    def term(name):
+        a, bb = (p.data for p in made.adapter_parameters(name))
+        return made._scaling_of(name) * (xs @ a.T @ bb.T + made.lora_bias_parameter(name).data)
+
+    lorac.set_adapter(net, ["default", "x"])
+    assert made.lora_bias_x.requires_grad
+    expected = xs @ w.T + b + term("default") + term("x")
+    np.testing.assert_allclose(made(xs), expected, rtol=1e-12, atol=1e-12)
+    g = np.random.default_rng(9).standard_normal(expected.shape)
+    made.backward(g)
+    np.testing.assert_allclose(made.lora_bias_x.grad, 3.0 * g.sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(made.lora_bias.grad, S * g.sum(axis=0), rtol=1e-12)
+    net.eval()
+    np.testing.assert_allclose(made(xs), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(made.state_dict()["bias"], b, rtol=1e-14, atol=1e-14)
+    lorac.unmerge_adapter(net)
+    mixed = net(xs, adapter_names=["x", "default", "__base__"])
+    base = xs @ w.T + b
+    np.testing.assert_allclose(mixed, np.stack([(base + term("x"))[0], (base + term("default"))[1], base[2]]),
+                               rtol=1e-12, atol=1e-12)
+    net.train()
+    lorac.set_adapter(net, "default")
+    lorac.delete_adapter(net, "x")
+    assert "lora_bias_x" not in made.state_dict()
+    for other in (lorac.Embedding(5, 3, r=1), lorac.MergedLinear(3, 4, r=1, enable_lora=[True, False])):
+        with pytest.raises(ValueError, match="is for Linear layers"):
+            lorac.add_adapter(lorac.Sequential(other), "x", r=1, lora_bias=True)
+    with pytest.raises(ValueError, match="needs the layer's bias"):
+        lorac.add_adapter(lorac.Sequential(lorac.Linear(3, 2, r=1, bias=False)), "x", r=1, lora_bias=True)
 
 
 def test_lorac_merge_info_and_convert(tmp_path, capsys):

@@ -24,8 +24,9 @@ A layer keeps one frozen base weight and any number of named adapters:
   active adapters that are not merged.
 - ``disable_adapters()``: a context manager under which the forward is the
   base layer's (see its docstring for the merged case).
-- PEFT's ``lora_bias`` (Linear only, the "default" adapter only): a
-  trainable ``lora_bias`` (out,) that the adapter adds as ``s * lora_bias``
+- PEFT's ``lora_bias`` (Linear layers with a bias): an adapter may have a
+  trainable (out,) bias on lora_B -- ``lora_bias`` for "default",
+  ``lora_bias_<name>`` for a named one -- that it adds as ``s * lora_bias``
   (PEFT's ``lora_B.bias``); merging adds it into the base bias.
 
 A layer in loralib's state (only "default", active, merged or not, no mixed
@@ -51,6 +52,8 @@ from ._lora_init import BASE_CHANGING, check_init, init_adapter
 
 DEFAULT = "default"
 LORA_BIAS = "lora_bias"    # the default adapter's bias on lora_B (PEFT's lora_bias), when it has one
+_NAMED_PREFIXES = ("lora_A_", "lora_B_", "lora_bias_")   # a named adapter's parameters
+KEEP = object()            # _replace_adapter: leave the adapter's lora_bias as it is
 BASE = "__base__"          # the name of "no adapter" in a mixed batch
 
 _TLS = threading.local()   # .batch: this thread's current mixed batch (MixedBatch) or absent
@@ -92,6 +95,11 @@ def param_names(name):
     if name == DEFAULT:
         return "lora_A", "lora_B"
     return f"lora_A_{name}", f"lora_B_{name}"
+
+
+def bias_param_name(name):
+    """The parameter name of adapter `name`'s lora_bias (PEFT's lora_B.bias)."""
+    return LORA_BIAS if name == DEFAULT else f"{LORA_BIAS}_{name}"
 
 
 def check_new_name(name, what="adapter name"):
@@ -158,6 +166,7 @@ class NamedAdapters(ThreadState):
     ``_mixed_forward``."""
 
     _named_adapters = True   # layer kinds without named adapters (MoLoRALinear) set False
+    _lora_bias_capable = False   # lorac.Linear: its adapters may have PEFT's lora_bias
     use_dora = False         # DoRALinear: one adapter, no named ones (layers/dora.py)
 
     def _unloaded_class(self):
@@ -168,7 +177,7 @@ class NamedAdapters(ThreadState):
         """(Re)set the adapter bookkeeping to "default" only (called by _init_lora)."""
         params = self.__dict__.get("_parameters")
         if params:  # a layer rebuilt from another one drops the old one's named adapters
-            for key in [k for k in params if k.startswith(("lora_A_", "lora_B_"))]:
+            for key in [k for k in params if k.startswith(_NAMED_PREFIXES)]:
                 del params[key]
         has_default = self.r > 0 and self._adapter_capable()
         self._adapters = OrderedDict([(DEFAULT, None)] if has_default else [])
@@ -214,8 +223,8 @@ class NamedAdapters(ThreadState):
         return self.lora_dropout if name == DEFAULT else self._adapters[name].lora_dropout
 
     def adapter_owned_parameters(self, name):
-        """Every Parameter of adapter `name`: lora_A, lora_B, and for "default" a lora_bias and a
-        DoRA layer's lora_magnitude_vector (what PEFT's set_adapter trains or freezes)."""
+        """Every Parameter of adapter `name`: lora_A, lora_B, its lora_bias if any, and for
+        "default" a DoRA layer's lora_magnitude_vector (what PEFT's set_adapter trains or freezes)."""
         owned = list(self.adapter_parameters(name))
         owned += [p for p in (self.lora_bias_parameter(name),
                               self._parameters.get("lora_magnitude_vector") if name == DEFAULT else None)
@@ -224,7 +233,10 @@ class NamedAdapters(ThreadState):
 
     def lora_bias_parameter(self, name=DEFAULT):
         """The Parameter ``lora_bias`` (out,) of adapter `name` (PEFT's lora_bias), or None."""
-        return self._parameters.get(LORA_BIAS) if name == DEFAULT else None
+        return self._parameters.get(bias_param_name(name))
+
+    def _has_lora_bias(self):
+        return any(self.lora_bias_parameter(name) is not None for name in self._adapters)
 
     # -- state changes --------------------------------------------------------
     def _refresh_plain(self):
@@ -244,7 +256,7 @@ class NamedAdapters(ThreadState):
 
     @locked
     def add_adapter(self, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False, init="kaiming", rng=None,
-                    init_std=None):
+                    init_std=None, lora_bias=False):
         """Add adapter `name` of rank r (>= 1) with its own alpha, dropout and rsLoRA flag.
 
         init, init_std: how it starts (layers/_lora_init.py): 'kaiming' (the
@@ -258,6 +270,8 @@ class NamedAdapters(ThreadState):
         Generator (default: the layer's).  The base weight is frozen (as in
         any LoRA layer).  The adapter is not active until ``set_adapter``,
         which also makes it trainable: until then it is frozen, as PEFT's.
+        lora_bias: PEFT's, as ``Linear(lora_bias=True)`` (a Linear layer with
+        a bias; init 'kaiming' or False), as parameter ``lora_bias_<name>``.
         "default" is the constructor's adapter and cannot be added."""
         check_new_name(name)
         if name == DEFAULT:
@@ -279,6 +293,8 @@ class NamedAdapters(ThreadState):
                              "to adapt")
         func = f"{type(self).__name__}.add_adapter"
         spec = check_init(init, init_std, func)
+        if _checked_bool(lora_bias, "lora_bias"):
+            self._check_lora_bias_allowed(spec, func)
         if spec.name in BASE_CHANGING:
             self._check_base_change_allowed(spec, func, others=tuple(self._adapters))
         gen = self.rng if rng is None else as_generator(rng)
@@ -286,6 +302,9 @@ class NamedAdapters(ThreadState):
         a_name, b_name = param_names(name)
         self.register_parameter(a_name, Parameter(start.lora_A, requires_grad=False))   # inactive: frozen
         self.register_parameter(b_name, Parameter(start.lora_B, requires_grad=False))
+        if lora_bias:
+            self.register_parameter(bias_param_name(name), Parameter(
+                lora_bias_start(spec, r, gen, (groups * og,), self.dtype), requires_grad=False))
         self._adapters[name] = config
         weight = self._parameters["weight"]
         if start.weight is not None:
@@ -332,6 +351,17 @@ class NamedAdapters(ThreadState):
             self.merge(merged)
         self._changed()
         return self
+
+    def _check_lora_bias_allowed(self, spec, func):
+        """lora_bias: a plain Linear layer (one group) with a bias, PEFT's inits True / False only."""
+        if not self._lora_bias_capable or self.use_dora:
+            raise ValueError(f"{func}: lora_bias=True is for Linear layers (as PEFT's), not a {type(self).__name__}")
+        if self._parameters.get("bias") is None:
+            raise ValueError(f"{func}: lora_bias=True needs the layer's bias (merging adds scaling * lora_bias "
+                             "into it); this layer has none")
+        if spec.name not in ("kaiming", "random"):
+            raise ValueError(f"{func}: lora_bias=True takes init 'kaiming' (True) or False only, as PEFT's, "
+                             f"got init={spec.name!r}")
 
     def _check_base_change_allowed(self, spec, func, others):
         """For an init that factors the base weight and replaces it by the residual ('pissa', 'olora')."""
@@ -395,8 +425,8 @@ class NamedAdapters(ThreadState):
             raise ValueError(f"adapter {name!r} is active; set_adapter() to other adapters before deleting it")
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge() before deleting it")
-        for pname in param_names(name):
-            del self._parameters[pname]
+        for pname in param_names(name) + (bias_param_name(name),):
+            self._parameters.pop(pname, None)
         del self._adapters[name]
         self._changed()
         return self
@@ -500,7 +530,7 @@ class NamedAdapters(ThreadState):
                 value = value.copy()
                 for adapter in reversed(merged):
                     self._apply_adapter_delta(value, adapter, -1)
-            elif name == "bias" and merged and LORA_BIAS in self._parameters:
+            elif name == "bias" and merged and self._has_lora_bias():
                 value = value.copy()
                 for adapter in reversed(merged):
                     self._apply_bias_delta(adapter, -1, value)
@@ -515,7 +545,7 @@ class NamedAdapters(ThreadState):
         go into it, so it is copied first: merging must not write into an
         array the caller (or another model) still holds.  A merged lora_bias:
         unmerge, load, merge again (the base bias holds it)."""
-        if LORA_BIAS in self._parameters and self.merged_adapters and values:
+        if self.merged_adapters and values and self._has_lora_bias():
             merged = self.merged_adapters
             if assign:   # merging writes into the new weight and bias
                 values = {k: (v.copy() if k in ("weight", "bias") else v) for k, v in values.items()}
@@ -544,8 +574,9 @@ class NamedAdapters(ThreadState):
             self._cache = None
 
     @locked
-    def _replace_adapter(self, name, a, b, config=None):
-        """Hot swap: adapter `name` takes arrays a, b (and config, if given).
+    def _replace_adapter(self, name, a, b, config=None, lora_bias=KEEP):
+        """Hot swap: adapter `name` takes arrays a, b (and config, if given;
+        lora_bias: its new lora_bias (out,), None for none, KEEP: unchanged).
 
         Same shapes: copied in place (no reallocation); a merged adapter is
         unmerged with its old values and merged with the new ones.  Other
@@ -556,6 +587,7 @@ class NamedAdapters(ThreadState):
         weight = self._parameters["weight"].data
         if merged:
             self._apply_adapter_delta(weight, name, -1)
+            self._apply_bias_delta(name, -1)
         if A.shape == a.shape and B.shape == b.shape:
             np.copyto(A.data, a, casting="unsafe")
             np.copyto(B.data, b, casting="unsafe")
@@ -571,9 +603,24 @@ class NamedAdapters(ThreadState):
                 self.scaling = config.scaling
             else:
                 self._adapters[name] = config
+        if lora_bias is not KEEP:
+            self._set_lora_bias(name, lora_bias, A.requires_grad)
         if merged:
             self._apply_adapter_delta(weight, name, +1)
+            self._apply_bias_delta(name, +1)
         self._changed()
+
+    def _set_lora_bias(self, name, value, requires_grad):
+        """Adapter `name`'s lora_bias becomes ``value`` (copied into the existing one, or new), or
+        goes away for None; the fast-path flag follows."""
+        pname = bias_param_name(name)
+        current = self._parameters.get(pname)
+        if value is None:
+            self._parameters.pop(pname, None)
+        elif current is not None:
+            np.copyto(current.data, value, casting="unsafe")
+        else:
+            self.register_parameter(pname, Parameter(np.array(value, dtype=self.dtype), requires_grad=requires_grad))
 
     # -- the forward outside the fast path --------------------------------------
     def _branch(self):
@@ -583,9 +630,11 @@ class NamedAdapters(ThreadState):
         if not names:
             return Branch((), None, None, 0.0, 0.0, (), self._adapter_version)
         bias = None
-        lora_bias = self.lora_bias_parameter(DEFAULT) if DEFAULT in names else None
-        if lora_bias is not None:
-            bias = lora_bias.data * lora_bias.data.dtype.type(self.scaling)
+        for name in names:   # PEFT's lora_bias: s_k * lora_bias_k of each adapter that has one
+            lora_bias = self.lora_bias_parameter(name)
+            if lora_bias is not None:
+                term = lora_bias.data * lora_bias.data.dtype.type(self._scaling_of(name))
+                bias = term if bias is None else bias + term
         params = []
         for name in names:
             a_name, b_name = param_names(name)
@@ -666,6 +715,25 @@ class NamedAdapters(ThreadState):
         ids = table[batch.ids]
         per_row = int(np.prod(lead_shape[1:], dtype=np.int64))
         return ids if per_row == 1 else np.repeat(ids, per_row)
+
+    def _add_mixed_lora_biases(self, y, ids):
+        """y (rows, out) += s_k * lora_bias_k on the rows of adapter k (ids: layer indices), in place."""
+        for index, name in enumerate(self._adapters):
+            lora_bias = self.lora_bias_parameter(name)
+            if lora_bias is not None:
+                y[ids == index] += lora_bias.data * y.dtype.type(self._scaling_of(name))
+
+    def _lora_bias_grads(self, branch, g2):
+        """d(s_k lora_bias_k) = s_k * the sum of grad_output's rows, for each trainable lora_bias of
+        the branch's adapters (after the kernels succeeded)."""
+        if branch.bias is None:
+            return
+        total = None
+        for name in branch.names:
+            lora_bias = self.lora_bias_parameter(name)
+            if lora_bias is not None and lora_bias.requires_grad:
+                total = g2.sum(axis=0) if total is None else total
+                lora_bias.grad_buffer()[...] += total * g2.dtype.type(self._scaling_of(name))
 
     def _mixed_operands(self):
         """(lora_As, lora_Bs, scalings) of every adapter, in adapter-id order."""

@@ -52,6 +52,8 @@ class Linear(LoRALayer, Module):
     outside the loralib fast path.
     """
 
+    _lora_bias_capable = True
+
     def __init__(self, in_features, out_features, r=0, lora_alpha=1, lora_dropout=0.0,
                  fan_in_fan_out=False, merge_weights=True, bias=True, dtype=np.float32, rng=None,
                  use_rslora=False, init="kaiming", init_std=None, lora_bias=False):
@@ -66,8 +68,8 @@ class Linear(LoRALayer, Module):
         spec = check_init(init, init_std, type(self).__name__)
         if not isinstance(lora_bias, (bool, np.bool_)):
             raise TypeError(f"{type(self).__name__}: lora_bias must be a bool, got {type(lora_bias).__name__}")
-        if lora_bias:
-            _check_lora_bias_allowed(self.r, bias, spec, type(self).__name__)
+        if lora_bias and self.r == 0:
+            raise ValueError(f"{type(self).__name__}: lora_bias=True needs an adapter (r > 0), got r=0")
 
         weight = _init.kaiming_uniform((self.out_features, self.in_features), self.in_features,
                                        self.rng, self.dtype)
@@ -79,6 +81,8 @@ class Linear(LoRALayer, Module):
             self.bias = Parameter(_init.uniform((self.out_features,), bound, self.rng, self.dtype))
         else:
             self.register_parameter("bias", None)
+        if lora_bias:
+            self._check_lora_bias_allowed(spec, type(self).__name__)
         if self.r > 0:
             start = self._start_arrays(spec, self.r, self.scaling, self.rng, type(self).__name__)
             self.lora_A = Parameter(start.lora_A)
@@ -144,9 +148,7 @@ class Linear(LoRALayer, Module):
         bias = self._parameters["bias"]
         y = _C.multi_linear_forward(x2, self._parameters["weight"].data, None if bias is None else bias.data,
                                     As, Bs, scalings, ids, self.fan_in_fan_out)
-        lora_bias = self.lora_bias_parameter()
-        if lora_bias is not None:   # the default adapter's rows add s * lora_bias
-            y[ids == self.adapter_names.index("default")] += lora_bias.data * y.dtype.type(self.scaling)
+        self._add_mixed_lora_biases(y, ids)
         self._cache = None
         return y.reshape(lead_shape + (self.out_features,))
 
@@ -183,9 +185,7 @@ class Linear(LoRALayer, Module):
                 with base_grads as buffers, self._branch_grads(branch) as lora_buffers:
                     dx = _C.linear_backward(g2, x2, weight.data, branch.a, branch.b, u, branch.scaling,
                                             d["fan_in_fan_out"], mask, keep_scale, True, **buffers, **lora_buffers)
-                lora_bias = self.lora_bias_parameter() if branch.bias is not None else None
-                if lora_bias is not None and lora_bias.requires_grad:   # d(s * lora_bias) = s * sum of rows
-                    lora_bias.grad_buffer()[...] += g2.sum(axis=0) * g2.dtype.type(self.scaling)
+                self._lora_bias_grads(branch, g2)
             d["_tls"].cache = None
             return dx if len(out_shape) == 2 else dx.reshape(out_shape[:-1] + (d["in_features"],))
 
@@ -209,16 +209,4 @@ class Linear(LoRALayer, Module):
         text = (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")
         return text + self._lora_repr() + (", lora_bias=True" if LORA_BIAS in self._parameters else "")
-
-
-def _check_lora_bias_allowed(r, bias, spec, func):
-    """lora_bias needs an adapter (r > 0), the base bias it merges into, and PEFT's inits True / False."""
-    if r == 0:
-        raise ValueError(f"{func}: lora_bias=True needs an adapter (r > 0), got r=0")
-    if not bias:
-        raise ValueError(f"{func}: lora_bias=True needs the layer's bias (merging adds scaling * lora_bias "
-                         "into it); build it with bias=True")
-    if spec.name not in ("kaiming", "random"):
-        raise ValueError(f"{func}: lora_bias=True takes init 'kaiming' (True) or False only, as PEFT's, "
-                         f"got init={spec.name!r}")
 

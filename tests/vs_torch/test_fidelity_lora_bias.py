@@ -139,3 +139,30 @@ def test_lorac_merge_on_a_peft_folder_equals_pefts_merge_and_unload(tmp_path, ca
     for path in adapted(ours):
         assert_matches(merged[f"{path}.weight"], plain.get_submodule(path).weight, np.float64, path)
         assert_matches(merged[f"{path}.bias"], plain.get_submodule(path).bias, np.float64, path)
+
+
+def test_named_adapters_with_lora_bias_move_between_peft_and_lorac(tmp_path):
+    """PEFT's second adapter with lora_bias -> lorac.load_adapter(folder, name), and
+    lorac.save_peft_adapter(adapter_name=...) -> PEFT's load_adapter: the same outputs."""
+    ours, wrapped = twins()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped.add_adapter("other", peft.LoraConfig(target_modules=TARGETS, r=2, lora_alpha=3, lora_bias=True,
+                                                     init_lora_weights=False))
+    save_pretrained(wrapped, tmp_path / "peft")   # "other" goes to peft/other
+    lorac.load_adapter(ours, tmp_path / "peft" / "other", "other")
+    lorac.set_adapter(ours, ["default", "other"])
+    wrapped.base_model.set_adapter(["default", "other"])
+    lorac.save_peft_adapter(ours, tmp_path / "back", adapter_name="other")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped.load_adapter(str(tmp_path / "back"), adapter_name="again")
+    x = np.random.default_rng(4).standard_normal((3, HIDDEN))
+    for path, layer in adapted(ours).items():
+        player = peft_layer(wrapped, path)
+        assert np.abs(layer.lora_bias_other.data).max() > 0
+        with torch.no_grad():
+            expected = player(torch.from_numpy(x))
+        assert_matches(layer(x), expected, np.float64, f"{path} default + other")
+        for name in ("other", "again"):
+            np.testing.assert_array_equal(player.lora_B[name].bias.detach().numpy(), layer.lora_bias_other.data)
