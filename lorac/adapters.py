@@ -189,13 +189,11 @@ def disable_adapters(model):
 
 
 # -- merging ------------------------------------------------------------------------
-def merge_adapter(model, names=None):
-    """Merge the named adapters (default: each layer's active ones) into the base weights."""
-    if names is not None:
-        names = names_list(names, "names")
-        _require_known(model, names, "merge_adapter")
-    for _, layer in adapter_layers(model):
-        layer.merge(None if names is None else [n for n in names if n in layer.adapter_names])
+def merge_adapter(model, names=None, *, adapter_names=None, safe_merge=False):
+    """Merge the named adapters (default: each layer's active ones) into the base weights;
+    ``adapter_names`` and ``safe_merge`` as for merge_and_unload (PEFT's keywords)."""
+    for _, layer, todo in _merge_plans(model, names, adapter_names, safe_merge, "merge_adapter")[1]:
+        layer.merge(todo)
     return model
 
 
@@ -206,11 +204,12 @@ def unmerge_adapter(model):
     return model
 
 
-def merge_and_unload(model, safe_merge=False, names=None):
+def merge_and_unload(model, safe_merge=False, names=None, *, adapter_names=None, progressbar=False):
     """Merge adapters into the base weights and return the plain model.
 
-    names: the adapters to merge (default: each layer's active ones); those
-    already merged stay merged.  Every LoRA layer is then replaced by the
+    names (or PEFT's keyword ``adapter_names``): the adapters to merge
+    (default: each layer's active ones); those already merged stay merged.
+    progressbar: a tqdm bar over the layers, as PEFT's.  Every LoRA layer is then replaced by the
     layer the constructor gives with r = 0 (trainable weight, no lora_*
     parameters) holding the merged weight, in place in its parent; the model
     is returned (the new layer when `model` itself is a LoRA layer).
@@ -218,14 +217,30 @@ def merge_and_unload(model, safe_merge=False, names=None):
     safe_merge: first compute every layer's merged weight on a copy and raise
     ValueError if any holds NaN or inf, before any base weight is touched.
     MoLoRALinear layers (input-dependent gates: nothing to merge) stay as they are."""
+    layers, plans = _merge_plans(model, names, adapter_names, safe_merge, "merge_and_unload")
+    from tqdm import tqdm
+    for _, layer, todo in tqdm(plans, desc="Unloading and merging model", disable=not progressbar):
+        if todo:
+            layer.merge(todo)
+    return _replace_by_plain(model, layers)
+
+
+def _merge_plans(model, names, adapter_names, safe_merge, func):
+    """(adapter layers, [(path, layer, adapters to merge)]), everything checked: the names
+    (``adapter_names`` is PEFT's keyword for ``names``), no layer inside disable_adapters(),
+    and with safe_merge every merged weight and bias finite (computed on copies)."""
+    if adapter_names is not None:
+        if names is not None:
+            raise TypeError(f"{func}: give names or adapter_names (PEFT's name for it), not both")
+        names = adapter_names
     if names is not None:
         names = names_list(names, "names")
-        _require_known(model, names, "merge_and_unload")
+        _require_known(model, names, func)
     layers = adapter_layers(model)
     plans = []
     for path, layer in layers:
         if layer._adapters_disabled:
-            raise RuntimeError(f"merge_and_unload: layer {path!r} is inside disable_adapters()")
+            raise RuntimeError(f"{func}: layer {path!r} is inside disable_adapters()")
         wanted = layer.active_adapters if names is None else [n for n in names if n in layer.adapter_names]
         plans.append((path, layer, tuple(n for n in wanted if n not in layer.merged_adapters)))
     if safe_merge:
@@ -239,12 +254,9 @@ def merge_and_unload(model, safe_merge=False, names=None):
                 for name in todo:
                     layer._apply_bias_delta(name, +1, bias)
             if not np.isfinite(weight).all() or (bias is not None and not np.isfinite(bias).all()):
-                raise ValueError(f"merge_and_unload(safe_merge=True): merging {list(todo)} into layer {path!r} "
+                raise ValueError(f"{func}(safe_merge=True): merging {list(todo)} into layer {path!r} "
                                  "gives non-finite weights (NaN or inf); no weight was changed")
-    for _, layer, todo in plans:
-        if todo:
-            layer.merge(todo)
-    return _replace_by_plain(model, layers)
+    return layers, plans
 
 
 def unload(model):

@@ -485,6 +485,19 @@ def _state_attributes(layer):
     return {k: v for k, v in vars(layer).items() if k not in ("_parameters", "_modules", "rng", "_cache", "_lock", "_tls")}
 
 
+def test_merge_and_unload_takes_pefts_keywords(capsys):
+    net = net_with_adapters()
+    idx = np.random.default_rng(0).integers(0, 11, (2, 4))
+    lorac.set_adapter(net, "a")
+    expected = net(idx)
+    lorac.set_adapter(net, "default")
+    with pytest.raises(TypeError, match="not both"):
+        lorac.merge_and_unload(net, names=["a"], adapter_names=["a"])
+    plain = lorac.merge_and_unload(net, adapter_names=["a"], progressbar=True)
+    np.testing.assert_allclose(plain(idx), expected, rtol=1e-10, atol=1e-10)
+    assert "Unloading and merging model" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("safe_merge", [False, True])
 def test_merge_and_unload(safe_merge):
     net = net_with_adapters()
@@ -780,3 +793,15 @@ def test_reset_adapter_leaves_other_merged_adapters_merged():
     expected = layer(x)
     layer.merge()
     np.testing.assert_allclose(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_merge_adapter_takes_pefts_keywords_and_safe_merge():
+    net = net_with_adapters()
+    net.proj.adapter_parameters("a")[1].data[0, 0] = np.nan
+    before = {k: v.copy() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"merge_adapter\(safe_merge=True\): merging \['a'\] into layer 'proj'"):
+        lorac.merge_adapter(net, adapter_names=["a"], safe_merge=True)
+    assert all(not layer.merged_adapters for _, layer in lorac.adapters.adapter_layers(net))
+    assert all(np.array_equal(v, before[k], equal_nan=True) for k, v in net.state_dict().items())
+    lorac.merge_adapter(net, adapter_names=["b"], safe_merge=True)
+    assert net.proj.merged_adapters == ("b",) and net.emb.merged_adapters == ()
