@@ -300,7 +300,7 @@ def _plain_layer(layer):
 
 # -- weighted combinations ---------------------------------------------------------------
 def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd_rank=None, density=None,
-                         majority_sign_method="total", rng=None, svd_clamp=None):
+                         majority_sign_method="total", rng=None, svd_clamp=None, *, combination_type=None):
     """Add adapter `new_name` combining adapters `names` with `weights`.
 
     In every layer holding some of them the target is the weighted delta
@@ -333,6 +333,8 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
                the same merge of the deltas s_i B_i A_i (each formed, (og,
                in)) with weights w_i, then the best rank-k factors of the
                result (k as for "svd"): B = U_k S_k, A = V_k^T.
+    combination_type: PEFT's keyword for ``combination`` (whose default,
+    unlike PEFT's "svd", is the exact "cat").
     svd_clamp (the svd combinations; None: off), PEFT's: with hi the
     svd_clamp-quantile (in [0, 1]) of the entries of both factors together,
     clamp every entry of B and A to [-hi, hi].
@@ -343,6 +345,11 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
     names = names_list(names, "names")
     if not names:
         raise ValueError("add_weighted_adapter: names must name at least one adapter")
+    if combination_type is not None:
+        if combination != "cat":
+            raise TypeError("add_weighted_adapter: give combination or combination_type (PEFT's name for it), "
+                            "not both")
+        combination = combination_type
     try:
         weights = [real_number(w, "weights[i]") for w in weights]
     except TypeError:

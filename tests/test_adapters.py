@@ -655,6 +655,10 @@ def test_weighted_adapter_errors():
         lorac.add_weighted_adapter(net, ["a", "default"], [1], "mix")
     with pytest.raises(ValueError, match="combination must be one of"):
         lorac.add_weighted_adapter(net, ["a"], [1], "mix", combination="task_arithmetic")
+    with pytest.raises(TypeError, match="not both"):
+        lorac.add_weighted_adapter(net, ["a"], [1], "mix", combination="svd", combination_type="svd")
+    lorac.add_weighted_adapter(net, ["a", "b"], [1, 1], "peft_style", combination_type="svd", svd_rank=2)
+    assert net.proj.adapter_config("peft_style").r == 2   # svd's rank, not cat's 4
     with pytest.raises(ValueError, match="already has an adapter 'b'"):
         lorac.add_weighted_adapter(net, ["a"], [1], "b")
     with pytest.raises(ValueError, match="weights"):
@@ -666,7 +670,7 @@ def test_weighted_adapter_errors():
             lorac.add_weighted_adapter(net, ["a", "b"], [1, 1], "mix", combination="svd", svd_clamp=bad)
     with pytest.raises(TypeError, match="svd_clamp"):
         lorac.add_weighted_adapter(net, ["a", "b"], [1, 1], "mix", combination="svd", svd_clamp="0.9")
-    assert lorac.adapter_names(net) == ("default", "a", "b")
+    assert set(lorac.adapter_names(net)) == {"default", "a", "b", "peft_style"}
 
 
 # -- rsLoRA everywhere -----------------------------------------------------------------------------
