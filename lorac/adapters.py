@@ -631,7 +631,7 @@ def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, st
         rslora = use_rslora if use_rslora is not None else record.get("use_rslora", g_rslora)
         rslora = (current.use_rslora if current is not None else False) if rslora is None else bool(rslora)
         dropout = current.lora_dropout if current is not None else 0.0
-        bias = _checked_lora_bias(layer, lpath, biases.pop(lpath, None), path)
+        bias = _checked_lora_bias(layer, biases.pop(lpath, None), path)
         plans.append((layer, has, AdapterConfig(r, alpha, dropout, rslora), a, b, bias))
     if biases:
         key = next(iter(biases.values()))[0]
@@ -654,8 +654,8 @@ def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, st
     return IncompatibleKeys(missing, unexpected)
 
 
-def _checked_lora_bias(layer, lpath, found, path):
-    """The file's lora_bias (key, array) of layer ``lpath`` checked, or None without one."""
+def _checked_lora_bias(layer, found, path):
+    """The file's lora_bias (key, array) for ``layer`` checked: its array, or None without one."""
     if found is None:
         return None
     key, value = found

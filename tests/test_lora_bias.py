@@ -342,7 +342,7 @@ def test_refusals():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(target_modules=["emb", "fc"]), "is for Linear layers"),
-    (dict(target_modules=["head"]), "but 'head' has none"),
+    (dict(target_modules=["head"]), "'head': lora_bias=True needs the layer's bias"),
     (dict(target_modules=["fc"], use_dora=True), "not supported with use_dora"),
     (dict(target_modules=["fc"], init="pissa"), "takes init 'kaiming'"),
 ])

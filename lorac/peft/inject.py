@@ -132,13 +132,5 @@ def _check_lora_bias(chosen, spec, use_dora, func):
     """lora_bias=True: PEFT's rules (Linear layers, no DoRA, init True / False) and a bias on every layer."""
     if use_dora:
         raise ValueError(f"{func}: lora_bias=True is not supported with use_dora=True (as in PEFT)")
-    if spec.name not in ("kaiming", "random"):
-        raise ValueError(f"{func}: lora_bias=True takes init 'kaiming' (True) or False only, as PEFT's, "
-                         f"got init={spec.name!r}")
     for path, module in chosen:
-        if layer_kind(module) != "linear":
-            raise ValueError(f"{func}: lora_bias=True is for Linear layers (as in PEFT), but {path!r} is a "
-                             f"{describe(module)}")
-        if module.bias is None:
-            raise ValueError(f"{func}: lora_bias=True needs each layer's bias (merging adds scaling * lora_bias "
-                             f"into it), but {path!r} has none")
+        module._check_lora_bias_allowed(spec, f"{func}: {path!r}")
