@@ -41,7 +41,7 @@ def delta(layer, name):
     A, B = (p.data.astype(np.float64) for p in layer.adapter_parameters(name))
     s = layer._scaling_of(name)
     if isinstance(layer, lorac.MergedLinear):
-        groups, og = len(layer.enable_lora), layer.out_features // len(layer.enable_lora)
+        og = layer.out_features // len(layer.enable_lora)
         out = np.zeros((layer.out_features, layer.in_features))
         r = A.shape[0] // sum(layer.enable_lora)
         for e, g in enumerate(i for i, on in enumerate(layer.enable_lora) if on):

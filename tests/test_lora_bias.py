@@ -313,6 +313,9 @@ def test_lorac_merge_info_and_convert(tmp_path, capsys):
     assert "lora_bias" in out and f"{R * IN + OUT * R + OUT}" in out
     assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "peft")]) == 0
     capsys.readouterr()
+    assert main(["info", str(tmp_path / "peft")]) == 0   # PEFT's lora_B.bias counts in its layer too
+    out = capsys.readouterr().out
+    assert "lora_bias" in out and f"{R * IN + OUT * R + OUT}" in out
     lorac.save({"0.weight": base["0.weight"]}, tmp_path / "nobias.safetensors")
     assert main(["merge", str(tmp_path / "nobias.safetensors"), str(tmp_path / "peft"),
                  "-o", str(tmp_path / "m2.safetensors")]) == 2

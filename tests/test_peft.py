@@ -261,7 +261,8 @@ def test_peft_features_lorac_cannot_honour_are_refused(tmp_path, option, match):
 
 @pytest.mark.torch
 def test_other_peft_types_are_refused(tmp_path):
-    torch, peft = _torch(), _peft()
+    _torch()
+    peft = _peft()
     model = peft.get_peft_model(torch_mlp(), peft.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"]))
     model.save_pretrained(str(tmp_path / "ia3"))
     with pytest.raises(PeftConfigError, match="peft_type must be 'LORA', got 'IA3'"):
