@@ -838,8 +838,9 @@ ROWS = [
         "naming no Linear layer of the file", "PeftFolderError naming the entry; model unchanged",
         check_peft_bad_layout_metadata),
     Row("loaders", "PEFT lora_bias: lora_B.bias of the wrong shape or dtype, without lora_bias in the config, "
-        "with use_dora or a gaussian init; a target layer without a bias", "PeftFolderError / AdapterMismatchError (ValueErrors) "
-        "naming the key or layer; model unchanged", check_peft_bad_lora_bias),
+        "with use_dora or a gaussian init; a target layer without a bias",
+        "PeftFolderError / AdapterMismatchError (ValueErrors) naming the key or layer; model unchanged",
+        check_peft_bad_lora_bias),
     Row("loaders", "adapter shapes that do not fit the model", "AdapterMismatchError (a ValueError); model "
         "unchanged", check_peft_mismatch),
     Row("loaders", "corrupt adapter_model.safetensors", "CheckpointError (a ValueError); model unchanged",
