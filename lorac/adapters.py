@@ -140,7 +140,7 @@ def add_adapter(model, name, r, lora_alpha=1, lora_dropout=0.0, use_rslora=False
         if spec.name in BASE_CHANGING:
             layer._check_base_change_allowed(spec, f"add_adapter: layer {path!r}", others=layer.adapter_names)
         if lora_bias:
-            layer._check_lora_bias_allowed(spec, f"add_adapter: layer {path!r}")
+            layer._check_lora_bias_allowed(f"add_adapter: layer {path!r}", spec)
     gen = as_generator(rng) if rng is not None else None
     for (_, layer), (layer_r, layer_alpha) in zip(chosen, settings):
         dropout = 0.0 if layer._adapter_geometry()[3] == "embedding" else lora_dropout
@@ -659,7 +659,7 @@ def _checked_lora_bias(layer, found, path):
     if found is None:
         return None
     key, value = found
-    layer._check_lora_bias_allowed(check_init(False), f"load_adapter: {path}: {key!r}")
+    layer._check_lora_bias_allowed(f"load_adapter: {path}: {key!r}")
     out = layer._adapter_geometry()[2]
     if value.shape != (out,) or value.dtype.kind != "f":
         raise ValueError(f"load_adapter: {path}: {key!r} must be a 1-D float array of the layer's {out} outputs, "

@@ -294,7 +294,7 @@ class NamedAdapters(ThreadState):
         func = f"{type(self).__name__}.add_adapter"
         spec = check_init(init, init_std, func)
         if _checked_bool(lora_bias, "lora_bias"):
-            self._check_lora_bias_allowed(spec, func)
+            self._check_lora_bias_allowed(func, spec)
         if spec.name in BASE_CHANGING:
             self._check_base_change_allowed(spec, func, others=tuple(self._adapters))
         gen = self.rng if rng is None else as_generator(rng)
@@ -303,8 +303,7 @@ class NamedAdapters(ThreadState):
         self.register_parameter(a_name, Parameter(start.lora_A, requires_grad=False))   # inactive: frozen
         self.register_parameter(b_name, Parameter(start.lora_B, requires_grad=False))
         if lora_bias:
-            self.register_parameter(bias_param_name(name), Parameter(
-                lora_bias_start(spec, r, gen, (groups * og,), self.dtype), requires_grad=False))
+            self._register_lora_bias(name, spec, r, gen, requires_grad=False)
         self._adapters[name] = config
         weight = self._parameters["weight"]
         if start.weight is not None:
@@ -352,14 +351,23 @@ class NamedAdapters(ThreadState):
         self._changed()
         return self
 
-    def _check_lora_bias_allowed(self, spec, func):
-        """lora_bias: a plain Linear layer (one group) with a bias, PEFT's inits True / False only."""
+    def _register_lora_bias(self, name, spec, r, rng, requires_grad=True):
+        """Give adapter `name` (rank r, initialised as ``spec`` says) a new lora_bias, started by
+        lora_bias_start; the fast-path flag follows (the caller has checked _check_lora_bias_allowed)."""
+        out = self._adapter_geometry()[2]
+        self.register_parameter(bias_param_name(name), Parameter(lora_bias_start(spec, r, rng, (out,), self.dtype),
+                                                                 requires_grad=requires_grad))
+        self._refresh_plain()
+
+    def _check_lora_bias_allowed(self, func, spec=None):
+        """lora_bias: a plain Linear layer (one group) with a bias, PEFT's inits True / False only
+        (``spec``: the adapter's checked init; None: a loaded lora_bias, no init to check)."""
         if not self._lora_bias_capable or self.use_dora:
             raise ValueError(f"{func}: lora_bias=True is for Linear layers (as PEFT's), not a {type(self).__name__}")
         if self._parameters.get("bias") is None:
             raise ValueError(f"{func}: lora_bias=True needs the layer's bias (merging adds scaling * lora_bias "
                              "into it); this layer has none")
-        if spec.name not in ("kaiming", "random"):
+        if spec is not None and spec.name not in ("kaiming", "random"):
             raise ValueError(f"{func}: lora_bias=True takes init 'kaiming' (True) or False only, as PEFT's, "
                              f"got init={spec.name!r}")
 

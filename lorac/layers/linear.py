@@ -9,7 +9,7 @@ from ..module import Module, Parameter
 from ._threading import layer_lock, thread_state
 from ._grads import GradBuffers, forget_created, grad_accumulators
 from ._lora_init import check_init
-from .adapters import LORA_BIAS, lora_bias_start
+from .adapters import DEFAULT, LORA_BIAS, _checked_bool
 from .base import LoRALayer
 
 # What backward needs from a forward, a plain tuple (layers/base.py says why):
@@ -66,9 +66,7 @@ class Linear(LoRALayer, Module):
         self.rng = as_generator(rng)
         self._cache = None
         spec = check_init(init, init_std, type(self).__name__)
-        if not isinstance(lora_bias, (bool, np.bool_)):
-            raise TypeError(f"{type(self).__name__}: lora_bias must be a bool, got {type(lora_bias).__name__}")
-        if lora_bias and self.r == 0:
+        if _checked_bool(lora_bias, "lora_bias") and self.r == 0:
             raise ValueError(f"{type(self).__name__}: lora_bias=True needs an adapter (r > 0), got r=0")
 
         weight = _init.kaiming_uniform((self.out_features, self.in_features), self.in_features,
@@ -82,7 +80,7 @@ class Linear(LoRALayer, Module):
         else:
             self.register_parameter("bias", None)
         if lora_bias:
-            self._check_lora_bias_allowed(spec, type(self).__name__)
+            self._check_lora_bias_allowed(type(self).__name__, spec)
         if self.r > 0:
             start = self._start_arrays(spec, self.r, self.scaling, self.rng, type(self).__name__)
             self.lora_A = Parameter(start.lora_A)
@@ -90,9 +88,7 @@ class Linear(LoRALayer, Module):
             if start.weight is not None:   # 'pissa': the base becomes W0 - scaling * B A
                 self.weight.data[...] = start.weight
             if lora_bias:
-                self.register_parameter(LORA_BIAS, Parameter(lora_bias_start(spec, self.r, self.rng,
-                                                                             (self.out_features,), self.dtype)))
-                self._refresh_plain()
+                self._register_lora_bias(DEFAULT, spec, self.r, self.rng)
 
     # -- forward / backward ---------------------------------------------
     def forward(self, x):

@@ -133,4 +133,4 @@ def _check_lora_bias(chosen, spec, use_dora, func):
     if use_dora:
         raise ValueError(f"{func}: lora_bias=True is not supported with use_dora=True (as in PEFT)")
     for path, module in chosen:
-        module._check_lora_bias_allowed(spec, f"{func}: {path!r}")
+        module._check_lora_bias_allowed(f"{func}: {path!r}", spec)

@@ -17,8 +17,8 @@ import numpy as np
 from .._arrays import as_generator
 from ..layers import DoRAEmbedding, DoRALinear, Embedding, Linear
 from ..layers._lora_init import check_init
+from ..layers.adapters import DEFAULT
 from ..layers._threading import forget_thread_state
-from ..layers.adapters import LORA_BIAS, lora_bias_start
 from ..module import Parameter
 
 KIND_OF_CLASS = {Linear: "linear", DoRALinear: "linear", Embedding: "embedding", DoRAEmbedding: "embedding"}
@@ -88,9 +88,7 @@ def build_layer(old, r, lora_alpha, use_rslora, lora_dropout, rng, init=None, us
         new.lora_magnitude_vector = Parameter(norms.astype(new.dtype))
         new._dora_merge = None
     if lora_bias:
-        new.register_parameter(LORA_BIAS, Parameter(lora_bias_start(spec, r, new.rng, (new.out_features,),
-                                                                    new.dtype)))
-        new._refresh_plain()
+        new._register_lora_bias(DEFAULT, spec, r, new.rng)
     return new, start.weight
 
 
