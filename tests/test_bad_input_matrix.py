@@ -724,6 +724,24 @@ def check_peft_bad_lora_bias(tmp):
     assert model[0].r == 0
 
 
+def check_eva_bad_input():
+    model = lorac.get_peft_model(lorac.Sequential(lorac.Linear(4, 3), lorac.Linear(3, 2)),
+                                 lorac.LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights="eva",
+                                                  eva_config=lorac.EvaConfig()), rng=0)
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    for entry, error, match in (({"2": np.zeros((2, 4))}, ValueError, "is not an adapted layer"),
+                                ({"0": np.zeros((2, 5))}, ValueError, r"must be a real \(k, 4\) array"),
+                                ({"0": np.array([["a"] * 4])}, ValueError, "dtype <U1"),
+                                ({"0": np.full((2, 4), np.inf)}, ValueError, "holds NaN or infinite values"),
+                                ([("0", np.zeros((2, 4)))], TypeError, "must be a dict")):
+        with pytest.raises(error, match=match):
+            lorac.initialize_lora_eva_weights(model, eva_state_dict=entry)
+    pytest.importorskip("sklearn")
+    with pytest.raises(ValueError, match="layer '0': its inputs hold NaN"):
+        lorac.initialize_lora_eva_weights(model, [np.full((8, 4), np.nan, np.float32)], show_progress_bar=False)
+    assert model[0].r == 2 and all(np.array_equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def check_peft_mismatch(tmp):
     model = lorac.Sequential(lorac.Linear(5, 3, r=2), lorac.Linear(3, 2))  # in_features 5, target has 4
     folder = os.path.join(tmp, "other")
@@ -845,6 +863,9 @@ ROWS = [
         "unchanged", check_peft_mismatch),
     Row("loaders", "corrupt adapter_model.safetensors", "CheckpointError (a ValueError); model unchanged",
         check_peft_corrupt_weights),
+    Row("EVA", "an eva_state_dict entry naming no adapted Linear layer, of the wrong shape or dtype, or holding "
+        "NaN / inf, or not a dict; layer inputs holding NaN",
+        "ValueError / TypeError naming the entry or layer; model unchanged", check_eva_bad_input),
     Row("everything", "arbitrary argument tuples and arbitrary file bytes (fuzzing)",
         "only the exceptions above; no crash (tests/test_fuzz.py, tests/fuzz/fuzz_lorac.py)",
         lambda: None),

@@ -10,6 +10,8 @@
 - ``LoraConfig`` / ``get_peft_model(model, config)``: PEFT's one-call setup
   (inject, freeze all but the adapters, remember the config; see
   peft_model.py).
+- ``EvaConfig`` / ``get_eva_state_dict`` / ``initialize_lora_eva_weights``:
+  EVA, PEFT's data-driven start of lora_A (see eva.py).
 - ``adapter_metadata(model)``: safetensors metadata recording the adapters'
   scaling for lorac files (see adapter.py).
 
@@ -20,6 +22,7 @@ I/O), targets.py (layer kinds, matching, rebuilding).
 
 from .adapter import Adapter, AdapterError, LayerAdapter, from_lorac_state
 from .config import PeftConfigError
+from .eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
 from .folder import PeftFolderError, is_peft_folder, read_peft_folder, write_peft_folder
 from .inject import inject_lora
 from .load import AdapterMismatchError, load_peft_adapter
@@ -28,6 +31,7 @@ from .save import adapter_from_model, adapter_metadata, save_peft_adapter
 
 __all__ = [
     "load_peft_adapter", "save_peft_adapter", "inject_lora", "adapter_metadata", "LoraConfig", "get_peft_model",
+    "EvaConfig", "get_eva_state_dict", "initialize_lora_eva_weights",
     "Adapter", "LayerAdapter", "AdapterError", "AdapterMismatchError", "PeftConfigError", "PeftFolderError",
     "adapter_from_model", "from_lorac_state", "is_peft_folder", "read_peft_folder", "write_peft_folder",
 ]

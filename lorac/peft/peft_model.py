@@ -22,10 +22,12 @@ keeps the original for ``disable_adapter()``, which lorac cannot give
 back (save the original state first if you need it).
 """
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 
 from ..module import Module
 from ..utils import mark_only_lora_as_trainable
+from .eva import EvaConfig, eva_config_of
 from .inject import inject_lora
 from .save import BIAS_MODES, select_modules_to_save
 from .select import compile_selector, expand_all_linear
@@ -61,6 +63,7 @@ class LoraConfig:
     base_model_name_or_path: str = None
     task_type: str = None
     inference_mode: bool = False
+    eva_config: object = None
 
 
 def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
@@ -86,6 +89,9 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
     saved = _modules_to_save(model, config, func)
     init = config.init_lora_weights
     gaussian = isinstance(init, str) and init == "gaussian"
+    config = _with_eva_config(config, func)
+    if isinstance(init, str) and init == "eva":
+        init = True   # PEFT's start for EVA: lora_A kaiming, lora_B zero (initialize_lora_eva_weights does the rest)
     adapted_before = {id(m) for m in model.modules() if layer_kind(m) is not None and m.r > 0}
     inject_lora(model, config.target_modules, config.r, config.lora_alpha, config.lora_dropout,
                 config.fan_in_fan_out, config.use_rslora, rng, exclude_modules=config.exclude_modules,
@@ -106,6 +112,21 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
                 param.requires_grad = True
     model.peft_config = {DEFAULT: config}
     return model
+
+
+def _with_eva_config(config, func):
+    """config with eva_config an EvaConfig: PEFT's default one (and a warning) for init 'eva' without it;
+    a warning for an eva_config another init ignores."""
+    eva_config = eva_config_of(config.eva_config, func)
+    is_eva = isinstance(config.init_lora_weights, str) and config.init_lora_weights == "eva"
+    if is_eva and eva_config is None:
+        warnings.warn(f"{func}: init_lora_weights is 'eva' but eva_config is not given; using the default "
+                      "EvaConfig()", UserWarning, stacklevel=3)
+        eva_config = EvaConfig()
+    elif eva_config is not None and not is_eva:
+        warnings.warn(f"{func}: eva_config is ignored: init_lora_weights is {config.init_lora_weights!r}, "
+                      "not 'eva'", UserWarning, stacklevel=3)
+    return config if eva_config is config.eva_config else replace(config, eva_config=eva_config)
 
 
 def _modules_to_save(model, config, func):
