@@ -742,6 +742,31 @@ def check_eva_bad_input():
     assert model[0].r == 2 and all(np.array_equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def check_corda_bad_files(tmp):
+    config = lorac.LoraConfig(r=2, target_modules=["0"], init_lora_weights="corda",
+                              corda_config=lorac.CordaConfig(cache_file=os.path.join(tmp, "cache")))
+    model = lorac.Sequential(lorac.Linear(4, 3), lorac.Linear(3, 2))
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    cache = config.corda_config.cache_file
+    good = {"0.eigens.S_WC": np.ones(2), "0.eigens.U_WC": np.ones((3, 2)), "0.eigens.V_WC": np.ones((4, 2))}
+    for tensors, match in (({**good, "0.eigens.U_WC": np.ones((2, 3))}, r"no finite \(3, 2\) entry 0.eigens.U_WC"),
+                           ({k: v for k, v in good.items() if "S_WC" not in k}, r"no finite \(2,\) entry"),
+                           ({**good, "0.eigens.V_WC": np.full((4, 2), np.nan)}, "no finite")):
+        lorac.save(tensors, cache)
+        with pytest.raises(ValueError, match=match):
+            lorac.preprocess_corda(model, config)
+    _write(tmp, "cache", b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage}")
+    with pytest.raises(CheckpointError):
+        lorac.preprocess_corda(model, config)
+    covariance = os.path.join(tmp, "cov")
+    lorac.save({"0": np.ones((3, 3))}, covariance)
+    with pytest.raises(ValueError, match=r"has no finite \(4, 4\) entry for layer '0'"):
+        lorac.preprocess_corda(model, lorac.LoraConfig(r=2, target_modules=["0"], init_lora_weights="corda",
+                                                       corda_config=lorac.CordaConfig(covariance_file=covariance)))
+    assert "_corda_eigens" not in model[0].__dict__
+    assert all(np.array_equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def check_peft_mismatch(tmp):
     model = lorac.Sequential(lorac.Linear(5, 3, r=2), lorac.Linear(3, 2))  # in_features 5, target has 4
     folder = os.path.join(tmp, "other")
@@ -866,6 +891,9 @@ ROWS = [
     Row("EVA", "an eva_state_dict entry naming no adapted Linear layer, of the wrong shape or dtype, or holding "
         "NaN / inf, or not a dict; layer inputs holding NaN",
         "ValueError / TypeError naming the entry or layer; model unchanged", check_eva_bad_input),
+    Row("CorDA", "a cache_file or covariance_file that is corrupt, lacks a layer's entry, or holds one of "
+        "the wrong shape or with NaN", "CheckpointError / ValueError naming the file and entry; no layer takes "
+        "factors", check_corda_bad_files),
     Row("everything", "arbitrary argument tuples and arbitrary file bytes (fuzzing)",
         "only the exceptions above; no crash (tests/test_fuzz.py, tests/fuzz/fuzz_lorac.py)",
         lambda: None),

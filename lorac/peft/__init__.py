@@ -12,6 +12,8 @@
   peft_model.py).
 - ``EvaConfig`` / ``get_eva_state_dict`` / ``initialize_lora_eva_weights``:
   EVA, PEFT's data-driven start of lora_A (see eva.py).
+- ``CordaConfig`` / ``preprocess_corda``: CorDA, PEFT's start from the SVD of
+  each weight times its inputs' covariance (see corda.py).
 - ``adapter_metadata(model)``: safetensors metadata recording the adapters'
   scaling for lorac files (see adapter.py).
 
@@ -22,6 +24,7 @@ I/O), targets.py (layer kinds, matching, rebuilding).
 
 from .adapter import Adapter, AdapterError, LayerAdapter, from_lorac_state
 from .config import PeftConfigError
+from .corda import CordaConfig, preprocess_corda
 from .eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
 from .folder import PeftFolderError, is_peft_folder, read_peft_folder, write_peft_folder
 from .inject import inject_lora
@@ -31,7 +34,7 @@ from .save import adapter_from_model, adapter_metadata, save_peft_adapter
 
 __all__ = [
     "load_peft_adapter", "save_peft_adapter", "inject_lora", "adapter_metadata", "LoraConfig", "get_peft_model",
-    "EvaConfig", "get_eva_state_dict", "initialize_lora_eva_weights",
+    "EvaConfig", "get_eva_state_dict", "initialize_lora_eva_weights", "CordaConfig", "preprocess_corda",
     "Adapter", "LayerAdapter", "AdapterError", "AdapterMismatchError", "PeftConfigError", "PeftFolderError",
     "adapter_from_model", "from_lorac_state", "is_peft_folder", "read_peft_folder", "write_peft_folder",
 ]

@@ -36,8 +36,9 @@ layer that is not an adapted Linear one is an error (PEFT skips it);
 ``gather_distributed_inputs`` is accepted and changes nothing (lorac runs in
 one process); with ``whiten``, each layer's components are divided once
 (PEFT 0.21 divides a PCA shared by q / k / v in place once per sharing
-layer), and a component of singular value 0 is left as it is.  Batches may be arrays, (x, labels) pairs or dicts of keyword
-arguments (see ``default_forward``).
+layer), and a component of singular value 0 is left as it is.  Batches may
+be arrays, (x, labels) pairs or dicts of keyword arguments (see
+``default_forward``).
 """
 
 import hashlib

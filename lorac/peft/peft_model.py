@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 
 from ..module import Module
 from ..utils import mark_only_lora_as_trainable
+from .corda import EIGENS, CordaConfig, corda_config_of, corda_eigens, corda_start
 from .eva import EvaConfig, eva_config_of
 from .inject import inject_lora
 from .save import BIAS_MODES, select_modules_to_save
@@ -64,6 +65,7 @@ class LoraConfig:
     task_type: str = None
     inference_mode: bool = False
     eva_config: object = None
+    corda_config: object = None
 
 
 def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
@@ -89,9 +91,14 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
     saved = _modules_to_save(model, config, func)
     init = config.init_lora_weights
     gaussian = isinstance(init, str) and init == "gaussian"
-    config = _with_eva_config(config, func)
-    if isinstance(init, str) and init == "eva":
-        init = True   # PEFT's start for EVA: lora_A kaiming, lora_B zero (initialize_lora_eva_weights does the rest)
+    config = _with_sub_configs(config, func)
+    data_driven = init if isinstance(init, str) and init in ("eva", "corda") else None
+    if data_driven and config.lora_bias:
+        raise ValueError(f"{func}: lora_bias=True needs init_lora_weights True or False (as PEFT), got "
+                         f"{data_driven!r}")
+    corda = corda_eigens(model, config, func) if data_driven == "corda" else {}
+    if data_driven:
+        init = True   # lora_A kaiming, lora_B zero: EVA's start (initialize_lora_eva_weights does the rest)
     adapted_before = {id(m) for m in model.modules() if layer_kind(m) is not None and m.r > 0}
     inject_lora(model, config.target_modules, config.r, config.lora_alpha, config.lora_dropout,
                 config.fan_in_fan_out, config.use_rslora, rng, exclude_modules=config.exclude_modules,
@@ -101,6 +108,8 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
     for module in model.modules():   # PEFT's gaussian std, 1 / r of each layer this call adapted
         if gaussian and layer_kind(module) == "linear" and module.r > 0 and id(module) not in adapted_before:
             module.reset_adapter(init="gaussian", init_std=1.0 / module.r)
+    for path, eigens in corda.items():
+        _start_corda(model.get_submodule(path), eigens)
     mark_only_lora_as_trainable(model, config.bias)
     if config.inference_mode:   # PEFT's: adapters and modules to save frozen, its bias rule kept
         for name, param in model.named_parameters():
@@ -114,19 +123,42 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
     return model
 
 
-def _with_eva_config(config, func):
-    """config with eva_config an EvaConfig: PEFT's default one (and a warning) for init 'eva' without it;
-    a warning for an eva_config another init ignores."""
-    eva_config = eva_config_of(config.eva_config, func)
-    is_eva = isinstance(config.init_lora_weights, str) and config.init_lora_weights == "eva"
-    if is_eva and eva_config is None:
-        warnings.warn(f"{func}: init_lora_weights is 'eva' but eva_config is not given; using the default "
-                      "EvaConfig()", UserWarning, stacklevel=3)
-        eva_config = EvaConfig()
-    elif eva_config is not None and not is_eva:
-        warnings.warn(f"{func}: eva_config is ignored: init_lora_weights is {config.init_lora_weights!r}, "
-                      "not 'eva'", UserWarning, stacklevel=3)
-    return config if eva_config is config.eva_config else replace(config, eva_config=eva_config)
+def _with_sub_configs(config, func):
+    """config with eva_config an EvaConfig and corda_config a CordaConfig (dicts of their fields are
+    accepted): PEFT's default one (and a warning) for init 'eva' / 'corda' without it; a warning
+    for one another init ignores."""
+    changes = {}
+    init = config.init_lora_weights
+    for field_name, name, cls, convert in (("eva_config", "eva", EvaConfig, eva_config_of),
+                                           ("corda_config", "corda", CordaConfig, corda_config_of)):
+        value = convert(getattr(config, field_name), func)
+        chosen = isinstance(init, str) and init == name
+        if chosen and value is None:
+            warnings.warn(f"{func}: init_lora_weights is {name!r} but {field_name} is not given; using the "
+                          f"default {cls.__name__}()", UserWarning, stacklevel=3)
+            value = cls()
+        elif value is not None and not chosen:
+            warnings.warn(f"{func}: {field_name} is ignored: init_lora_weights is {init!r}, not {name!r}",
+                          UserWarning, stacklevel=3)
+        if value is not getattr(config, field_name):
+            changes[field_name] = value
+    return replace(config, **changes) if changes else config
+
+
+def _start_corda(layer, eigens):
+    """A freshly injected layer takes CorDA's lora_A / lora_B and residual base weight (corda.py)."""
+    merged = layer.merged
+    layer.unmerge()
+    lora_a, lora_b, weight = corda_start(layer, eigens)
+    layer.lora_A.data[...] = lora_a
+    layer.lora_B.data[...] = lora_b
+    layer.weight.data[...] = weight
+    if "lora_magnitude_vector" in layer._parameters:   # DoRA: the norms of the (unchanged) W = residual + s B A
+        layer.lora_magnitude_vector.data[...] = layer.dora_row_norms()
+    layer.__dict__.pop(EIGENS, None)
+    layer._changed()
+    if merged:
+        layer.merge()
 
 
 def _modules_to_save(model, config, func):

@@ -40,7 +40,8 @@ class TorchTokenNet(torch.nn.Module):
         self.down_proj = nn.Linear(2 * HIDDEN, HIDDEN)
 
     def forward(self, input_ids, attention_mask=None, labels=None):
-        h = self.embed_tokens(input_ids) + self.token_proj(torch.nn.functional.one_hot(input_ids, VOCAB).double())
+        one_hot = torch.nn.functional.one_hot(input_ids, VOCAB).to(self.token_proj.weight.dtype)
+        h = self.embed_tokens(input_ids) + self.token_proj(one_hot)
         h = h + self.o_proj(torch.tanh(self.q_proj(h)) * self.k_proj(h) + self.v_proj(h))
         return h + self.down_proj(torch.relu(self.up_proj(h)))
 
@@ -49,17 +50,18 @@ class TokenNet(lorac.Module):
     """TorchTokenNet in lorac: q / k / v share their input, the others see their own;
     token_proj's (one-hot tokens) has a flat spectrum, which loses the redistribution."""
 
-    def __init__(self):
+    def __init__(self, dtype=np.float64):
         super().__init__()
-        self.embed_tokens = lorac.Embedding(VOCAB, HIDDEN, dtype=np.float64)
-        self.token_proj = lorac.Linear(VOCAB, HIDDEN, dtype=np.float64)
+        self.dtype = np.dtype(dtype)
+        self.embed_tokens = lorac.Embedding(VOCAB, HIDDEN, dtype=dtype)
+        self.token_proj = lorac.Linear(VOCAB, HIDDEN, dtype=dtype)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(self, name, lorac.Linear(HIDDEN, HIDDEN, dtype=np.float64))
-        self.up_proj = lorac.Linear(HIDDEN, 2 * HIDDEN, dtype=np.float64)
-        self.down_proj = lorac.Linear(2 * HIDDEN, HIDDEN, dtype=np.float64)
+            setattr(self, name, lorac.Linear(HIDDEN, HIDDEN, dtype=dtype))
+        self.up_proj = lorac.Linear(HIDDEN, 2 * HIDDEN, dtype=dtype)
+        self.down_proj = lorac.Linear(2 * HIDDEN, HIDDEN, dtype=dtype)
 
     def forward(self, input_ids, attention_mask=None, labels=None):
-        h = self.embed_tokens(input_ids) + self.token_proj(np.eye(VOCAB)[input_ids])
+        h = self.embed_tokens(input_ids) + self.token_proj(np.eye(VOCAB, dtype=self.dtype)[input_ids])
         h = h + self.o_proj(np.tanh(self.q_proj(h)) * self.k_proj(h) + self.v_proj(h))
         return h + self.down_proj(np.maximum(self.up_proj(h), 0.0))
 
@@ -71,7 +73,7 @@ class ExactPCA(peft_eva.IncrementalPCA):
         super().__init__(*args, **{**kwargs, "lowrank": False})
 
 
-def twins(seed=0):
+def twins(seed=0, dtype=np.float64):
     """(torch model, lorac model) with the same weights; the embedding has a decaying spectrum,
     so that the layers' principal directions are well separated."""
     torch_net = TorchTokenNet().double()
@@ -83,7 +85,8 @@ def twins(seed=0):
         for p in torch_net.parameters():
             p.normal_(0.0, 0.4)
         torch_net.embed_tokens.weight.copy_(torch.from_numpy((u * np.geomspace(8, 0.05, HIDDEN)) @ v.T))
-    ours = TokenNet()
+    torch_net.to(torch.float32 if dtype == np.float32 else torch.float64)
+    ours = TokenNet(dtype)
     ours.load_state_dict({k: t.numpy().copy() for k, t in torch_net.state_dict().items()})
     return torch_net, ours
 
