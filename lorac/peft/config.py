@@ -154,8 +154,9 @@ def parse_config(raw, source):
         if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
             raise PeftConfigError(
                 f"{source}: init_lora_weights={init!r} changes the base model's weights, so the adapter "
-                "does not apply to the original model; convert it to a plain LoRA adapter with PEFT "
-                "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) first")
+                "does not apply to the original model; convert it to a plain LoRA adapter first "
+                "(path_initial_model_for_weight_conversion=... of PEFT's save_pretrained or of "
+                "lorac.save_peft_adapter)")
         raise PeftConfigError(f"{source}: init_lora_weights={init!r} is not one lorac knows "
                               f"(expected one of {SAFE_INITS})")
     if _is_set(raw.get("velora_config")):

@@ -54,7 +54,7 @@ BIAS_MODES = ("none", "all", "lora_only")
 
 
 def save_peft_adapter(model, path, base_model_name_or_path=None, *, bias=None, modules_to_save=None,
-                      adapter_name="default"):
+                      adapter_name="default", path_initial_model_for_weight_conversion=None):
     """Write the model's LoRA adapter ``adapter_name`` (default: loralib's
     lora_A / lora_B) as a PEFT adapter folder at ``path``.
 
@@ -88,6 +88,17 @@ def save_peft_adapter(model, path, base_model_name_or_path=None, *, bias=None, m
     LoraConfig ``lorac.get_peft_model`` recorded on the model for the
     adapter, else bias "none" and nothing.
 
+    ``path_initial_model_for_weight_conversion`` (PEFT's keyword): for an
+    adapter whose init changed the base weights (PiSSA, OLoRA, CorDA), the
+    folder this function wrote right after that init.  The adapter is then
+    saved as the plain LoRA adapter of the same fine-tuning on the
+    *original* base weights: with W = W_res + s B0 A0 and the trained
+    W_res + s B A, the change is s (B A - B0 A0) = s' [B, -B0] [A; A0], rank
+    2r, alpha doubled (times sqrt(2) with rsLoRA) so that s' = s.  Unlike
+    PEFT, rsLoRA with per-layer ranks converts too (each layer's alpha is
+    written).  DoRA and lora_bias adapters are refused (their change is not
+    a low-rank product).
+
     The model is read, never changed; merged layers are fine (lora_A/B and
     the biases are the same).  Raises ValueError if the model has no LoRA
     layer or for a bad argument.  Returns the config dict written.
@@ -103,6 +114,8 @@ def save_peft_adapter(model, path, base_model_name_or_path=None, *, bias=None, m
                         f"{type(base_model_name_or_path).__name__}")
     if bias not in BIAS_MODES:
         raise ValueError(f"save_peft_adapter: bias must be one of {BIAS_MODES}, got {bias!r}")
+    if path_initial_model_for_weight_conversion is not None:
+        adapter = _converted_to_plain_lora(adapter, path_initial_model_for_weight_conversion)
     saved = select_modules_to_save(model, modules_to_save, adapter.layers, "save_peft_adapter")
     tensors = {}
     for mpath, module in saved.items():
@@ -119,6 +132,41 @@ def save_peft_adapter(model, path, base_model_name_or_path=None, *, bias=None, m
                 tensors[peft_module_key(mpath, "bias")] = param.data.copy()
     return write_peft_folder(adapter, path, base_model_name_or_path, bias=bias,
                              modules_to_save=list(saved) or None, peft_tensors=tensors)
+
+
+def _converted_to_plain_lora(adapter, initial_folder):
+    """The Adapter whose layers hold [A; A0] and [B, -B0] (rank 2r, the same scaling), A0 / B0 the
+    initial adapter's in ``initial_folder`` (checked to cover the same layers with the same shapes,
+    kinds and scalings)."""
+    from .folder import read_peft_folder
+
+    func = "save_peft_adapter"
+    initial = read_peft_folder(initial_folder)[0]
+    if set(initial.layers) != set(adapter.layers):
+        raise ValueError(f"{func}: the initial adapter in {initial_folder!r} adapts {sorted(initial.layers)}, the "
+                         f"model {sorted(adapter.layers)}; give the folder saved right after the adapters' init")
+    converted = Adapter(extra=dict(adapter.extra), lora_dropout=adapter.lora_dropout)
+    for path, layer in adapter.layers.items():
+        start = initial.layers[path]
+        if layer.magnitude is not None or layer.lora_bias is not None:
+            what = "DoRA" if layer.magnitude is not None else "lora_bias"
+            raise ValueError(f"{func}: layer {path!r} is a {what} adapter; only plain LoRA converts to the "
+                             "original base weights")
+        if (start.lora_A.shape, start.lora_B.shape) != (layer.lora_A.shape, layer.lora_B.shape) or \
+                (start.kind not in (None, layer.kind)):
+            raise ValueError(f"{func}: layer {path!r}: the initial adapter's lora_A {start.lora_A.shape} / lora_B "
+                             f"{start.lora_B.shape} do not match the model's {layer.lora_A.shape} / "
+                             f"{layer.lora_B.shape}")
+        if not np.isclose(start.scaling, layer.scaling, rtol=1e-9, atol=0):
+            raise ValueError(f"{func}: layer {path!r}: the initial adapter's scaling {start.scaling} is not the "
+                             f"model's {layer.scaling}")
+        factor = np.sqrt(2.0) if layer.use_rslora else 2.0
+        converted.layers[path] = LayerAdapter(
+            np.concatenate([layer.lora_A, start.lora_A.astype(layer.lora_A.dtype)], axis=0),
+            np.concatenate([layer.lora_B, -start.lora_B.astype(layer.lora_B.dtype)], axis=1),
+            kind=layer.kind, lora_alpha=layer.lora_alpha * factor, use_rslora=layer.use_rslora,
+            fan_in_fan_out=layer.fan_in_fan_out, keys=layer.keys)
+    return converted
 
 
 def _config_defaults(model, adapter_name, bias, modules_to_save, base_model_name_or_path):
