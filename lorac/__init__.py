@@ -25,8 +25,9 @@ from .utils import (count_parameters, get_nb_trainable_parameters, lora_state_di
                     print_trainable_parameters)
 # checkpoints and PEFT
 from .checkpoint import load, save
-from .peft import (CordaConfig, EvaConfig, LoraConfig, get_eva_state_dict, get_peft_model,
-                   initialize_lora_eva_weights, inject_lora, load_peft_adapter, preprocess_corda, save_peft_adapter)
+from .peft import (CordaConfig, EvaConfig, LoraConfig, LoraGAConfig, get_eva_state_dict, get_peft_model,
+                   initialize_lora_eva_weights, inject_lora, load_peft_adapter, preprocess_corda, preprocess_loraga,
+                   save_peft_adapter)
 # many adapters on one base
 from .adapters import (add_adapter, add_weighted_adapter, adapter_names, delete_adapter, disable_adapters,
                        load_adapter, merge_adapter, merge_and_unload, save_adapter, set_adapter, unload,
@@ -47,6 +48,7 @@ __all__ = [
     "print_trainable_parameters",
     "save", "load", "load_peft_adapter", "save_peft_adapter", "inject_lora", "LoraConfig", "get_peft_model",
     "EvaConfig", "get_eva_state_dict", "initialize_lora_eva_weights", "CordaConfig", "preprocess_corda",
+    "LoraGAConfig", "preprocess_loraga",
     "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "merge_adapter", "unmerge_adapter",
     "merge_and_unload", "unload", "add_weighted_adapter", "load_adapter", "save_adapter", "adapter_names",
     "get_layer_status", "get_model_status", "TunerLayerStatus", "TunerModelStatus",

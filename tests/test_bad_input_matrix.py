@@ -763,7 +763,7 @@ def check_corda_bad_files(tmp):
     with pytest.raises(ValueError, match=r"has no finite \(4, 4\) entry for layer '0'"):
         lorac.preprocess_corda(model, lorac.LoraConfig(r=2, target_modules=["0"], init_lora_weights="corda",
                                                        corda_config=lorac.CordaConfig(covariance_file=covariance)))
-    assert "_corda_eigens" not in model[0].__dict__
+    assert "_peft_prepared" not in model[0].__dict__
     assert all(np.array_equal(v, before[k]) for k, v in model.state_dict().items())
 
 

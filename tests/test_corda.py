@@ -81,7 +81,7 @@ def test_factors_and_residual_match_the_float64_reference(method, fan_in_fan_out
         signs = np.sign(np.sum(layer.lora_A.data * a, axis=1))
         np.testing.assert_allclose(layer.lora_A.data * signs[:, None], a, rtol=1e-9, atol=1e-12)
         assert layer.lora_A.requires_grad and not layer.weight.requires_grad
-        assert "_corda_eigens" not in layer.__dict__
+        assert "_peft_prepared" not in layer.__dict__
     np.testing.assert_allclose(net(data[0]), before, rtol=1e-12, atol=1e-12)   # the model computes what it did
 
 

@@ -36,6 +36,15 @@ def adapted(init, **config):
     if init == "corda":
         cfg.corda_config = lorac.CordaConfig()
         lorac.preprocess_corda(net, cfg, run_model=lambda: net(data()))
+    if init == "lora_ga":
+        cfg.lora_ga_config = lorac.LoraGAConfig()
+        cfg.r = 2     # 2r <= min(in, out) of the 7 -> 4 layer
+        loss_fn = lorac.MSELoss()
+
+        def train_step():
+            loss_fn(net(data()), np.ones((5, OUT)))
+            net.backward(loss_fn.backward())
+        lorac.preprocess_loraga(net, cfg, train_step)
     return lorac.get_peft_model(net, cfg, rng=0)
 
 
@@ -49,7 +58,7 @@ def train(net, seed=2):
 
 @pytest.mark.filterwarnings("ignore:inject_lora. fan_in_fan_out")
 @pytest.mark.parametrize("init, config", [
-    ("pissa", {}), ("olora", {}), ("corda", {}),
+    ("pissa", {}), ("olora", {}), ("corda", {}), ("lora_ga", {}),
     ("pissa", dict(use_rslora=True, rank_pattern={"2": 2}, alpha_pattern={"0": 3.0})),   # PEFT refuses this one
 ])
 def test_the_converted_adapter_on_the_original_weights_is_the_trained_model(init, config, tmp_path):

@@ -14,6 +14,8 @@
   EVA, PEFT's data-driven start of lora_A (see eva.py).
 - ``CordaConfig`` / ``preprocess_corda``: CorDA, PEFT's start from the SVD of
   each weight times its inputs' covariance (see corda.py).
+- ``LoraGAConfig`` / ``preprocess_loraga``: LoRA-GA, PEFT's start from the
+  SVD of the weights' gradients (see loraga.py).
 - ``adapter_metadata(model)``: safetensors metadata recording the adapters'
   scaling for lorac files (see adapter.py).
 
@@ -25,6 +27,7 @@ I/O), targets.py (layer kinds, matching, rebuilding).
 from .adapter import Adapter, AdapterError, LayerAdapter, from_lorac_state
 from .config import PeftConfigError
 from .corda import CordaConfig, preprocess_corda
+from .loraga import LoraGAConfig, preprocess_loraga
 from .eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
 from .folder import PeftFolderError, is_peft_folder, read_peft_folder, write_peft_folder
 from .inject import inject_lora
@@ -35,6 +38,7 @@ from .save import adapter_from_model, adapter_metadata, save_peft_adapter
 __all__ = [
     "load_peft_adapter", "save_peft_adapter", "inject_lora", "adapter_metadata", "LoraConfig", "get_peft_model",
     "EvaConfig", "get_eva_state_dict", "initialize_lora_eva_weights", "CordaConfig", "preprocess_corda",
+    "LoraGAConfig", "preprocess_loraga",
     "Adapter", "LayerAdapter", "AdapterError", "AdapterMismatchError", "PeftConfigError", "PeftFolderError",
     "adapter_from_model", "from_lorac_state", "is_peft_folder", "read_peft_folder", "write_peft_folder",
 ]

@@ -42,12 +42,11 @@ import numpy as np
 
 from ..checkpoint import load, save
 from ..module import Module
-from .select import compile_patterns, compile_selector, expand_all_linear, pattern_value
+from ._prepared import attach, config_ranks, plain_linear_targets, prepared_data
 from .targets import layer_kind
 
 # The cropped factors of one layer: S (r,), U (out, r), V (in, r), float64.
 CordaEigens = namedtuple("CordaEigens", ["S_WC", "U_WC", "V_WC"])
-EIGENS = "_corda_eigens"      # where preprocess_corda leaves a layer's CordaEigens (its __dict__)
 METHODS = ("ipm", "kpm")
 
 
@@ -109,7 +108,7 @@ def preprocess_corda(model, lora_config, run_model=None, hooked_model=None):
     if not isinstance(lora_config, LoraConfig):
         raise TypeError(f"{func}: lora_config must be a lorac.LoraConfig, got {type(lora_config).__name__}")
     corda = corda_config_of(lora_config.corda_config, func) or CordaConfig()
-    targets = corda_targets(model, lora_config, func)
+    targets = plain_linear_targets(model, lora_config, func, "CorDA")
     ranks = _ranks(targets, lora_config, func)
     cache = corda.cache_file
     if cache is not None and os.path.exists(cache) and os.path.getsize(cache) > 0:
@@ -122,40 +121,15 @@ def preprocess_corda(model, lora_config, run_model=None, hooked_model=None):
             save({f"{path}.eigens.{field}": value for path, e in eigens.items()
                   for field, value in e._asdict().items()}, cache)
     for path, layer in targets:
-        layer.__dict__[EIGENS] = eigens[path]
-
-
-def corda_targets(model, config, func):
-    """[(path, layer)]: the plain lorac.Linear layers (r = 0) the config's target fields select."""
-    modules = dict(model.named_modules())
-    linear = [p for p, m in modules.items() if p and layer_kind(m) == "linear"]
-    names = expand_all_linear(config.target_modules, linear, func, config.layers_to_transform,
-                              config.layers_pattern)
-    selected = compile_selector(names, config.exclude_modules, config.layers_to_transform, config.layers_pattern)
-    targets = [(p, modules[p]) for p in linear if selected(p)]
-    embeddings = [p for p, m in modules.items() if p and layer_kind(m) == "embedding" and selected(p)]
-    if embeddings:
-        raise ValueError(f"{func}: CorDA starts Linear layers only; target_modules also selects the Embedding "
-                         f"layers {embeddings} (exclude them, or adapt them in a separate config)")
-    adapted = [p for p, m in targets if m.r > 0]
-    if adapted:
-        raise ValueError(f"{func}: layers {adapted} already have an adapter; CorDA starts from the base model "
-                         "(preprocess_corda, then get_peft_model)")
-    if not targets:
-        raise ValueError(f"{func}: no Linear layer matches target_modules={config.target_modules!r}; CorDA has "
-                         "nothing to compute")
-    return targets
+        attach(layer, "corda", eigens[path])
 
 
 def _ranks(targets, config, func):
-    patterns = compile_patterns(config.rank_pattern or None, "rank_pattern")
-    ranks = {}
+    ranks = config_ranks(targets, config)
     for path, layer in targets:
-        rank = pattern_value(patterns, path, config.r)
-        if rank > min(layer.in_features, layer.out_features):
+        if ranks[path] > min(layer.in_features, layer.out_features):
             raise ValueError(f"{func}: layer {path!r} ({layer.in_features} -> {layer.out_features}) cannot take "
-                             f"CorDA's rank {rank} > min(in, out)")
-        ranks[path] = rank
+                             f"CorDA's rank {ranks[path]} > min(in, out)")
     return ranks
 
 
@@ -278,29 +252,18 @@ def _progress(targets, verbose):
 
 def corda_eigens(model, config, func):
     """{path: CordaEigens} of the layers get_peft_model's CorDA init adapts, checked to be there and of
-    the rank the config gives each layer."""
-    targets = corda_targets(model, config, func)
-    ranks = _ranks(targets, config, func)
-    out = {}
-    for path, layer in targets:
-        eigens = layer.__dict__.get(EIGENS)
-        if eigens is None:
-            raise ValueError(f"{func}: init_lora_weights='corda': layer {path!r} has no CorDA factors; call "
-                             "lorac.preprocess_corda(model, config, run_model) first")
-        if len(eigens.S_WC) != ranks[path]:
-            raise ValueError(f"{func}: layer {path!r} has CorDA factors of rank {len(eigens.S_WC)}, the config "
+    the rank the config gives each layer (before anything changes)."""
+    eigens = prepared_data(model, config, func, "corda", "CorDA factors",
+                           "preprocess_corda(model, config, run_model)")
+    ranks = config_ranks([(path, None) for path in eigens], config)
+    for path, e in eigens.items():
+        if len(e.S_WC) != ranks[path]:
+            raise ValueError(f"{func}: layer {path!r} has CorDA factors of rank {len(e.S_WC)}, the config "
                              f"gives it rank {ranks[path]}; run preprocess_corda with this config")
-        out[path] = eigens
-    return out
+    return eigens
 
 
-def corda_start(layer, eigens):
-    """(lora_A (r, in), lora_B (out, r), residual weight in the stored layout), in the layer's dtype, from
-    ``eigens`` for ``layer`` (an unmerged Linear with its rank-r adapter and its scaling); the residual
-    is formed from the factors as the layer will hold them (rounded to its dtype), as PiSSA's."""
+def corda_factors(layer, eigens):
+    """(lora_A (r, in), lora_B (out, r)) = (sqrt(S / s) V^T, U sqrt(S / s)), s the injected layer's scaling."""
     s = eigens.S_WC / layer.scaling
-    lora_a = (eigens.V_WC.T * np.sqrt(s)[:, None]).astype(layer.dtype)
-    lora_b = (eigens.U_WC * np.sqrt(s)).astype(layer.dtype)
-    delta = layer.scaling * (lora_b.astype(np.float64) @ lora_a.astype(np.float64))      # (out, in)
-    weight = layer.weight.data.astype(np.float64) - (delta.T if layer.fan_in_fan_out else delta)
-    return lora_a, lora_b, weight.astype(layer.dtype)
+    return eigens.V_WC.T * np.sqrt(s)[:, None], eigens.U_WC * np.sqrt(s)

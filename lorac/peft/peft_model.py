@@ -27,8 +27,10 @@ from dataclasses import dataclass, field, replace
 
 from ..module import Module
 from ..utils import mark_only_lora_as_trainable
-from .corda import EIGENS, CordaConfig, corda_config_of, corda_eigens, corda_start
+from ._prepared import start_from
+from .corda import CordaConfig, corda_config_of, corda_eigens, corda_factors
 from .eva import EvaConfig, eva_config_of
+from .loraga import LoraGAConfig, loraga_config_of, loraga_factors, loraga_grads
 from .inject import inject_lora
 from .save import BIAS_MODES, select_modules_to_save
 from .select import compile_selector, expand_all_linear
@@ -66,6 +68,7 @@ class LoraConfig:
     inference_mode: bool = False
     eva_config: object = None
     corda_config: object = None
+    lora_ga_config: object = None
 
 
 def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
@@ -92,11 +95,15 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
     init = config.init_lora_weights
     gaussian = isinstance(init, str) and init == "gaussian"
     config = _with_sub_configs(config, func)
-    data_driven = init if isinstance(init, str) and init in ("eva", "corda") else None
+    data_driven = init if isinstance(init, str) and init in ("eva", "corda", "lora_ga") else None
     if data_driven and config.lora_bias:
         raise ValueError(f"{func}: lora_bias=True needs init_lora_weights True or False (as PEFT), got "
                          f"{data_driven!r}")
-    corda = corda_eigens(model, config, func) if data_driven == "corda" else {}
+    prepared = {}
+    if data_driven == "corda":
+        prepared = corda_eigens(model, config, func)
+    elif data_driven == "lora_ga":
+        prepared = loraga_grads(model, config, func)
     if data_driven:
         init = True   # lora_A kaiming, lora_B zero: EVA's start (initialize_lora_eva_weights does the rest)
     adapted_before = {id(m) for m in model.modules() if layer_kind(m) is not None and m.r > 0}
@@ -108,8 +115,12 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
     for module in model.modules():   # PEFT's gaussian std, 1 / r of each layer this call adapted
         if gaussian and layer_kind(module) == "linear" and module.r > 0 and id(module) not in adapted_before:
             module.reset_adapter(init="gaussian", init_std=1.0 / module.r)
-    for path, eigens in corda.items():
-        _start_corda(model.get_submodule(path), eigens)
+    for path, data in prepared.items():   # CorDA / LoRA-GA: factors from what the preprocessing left
+        layer = model.get_submodule(path)
+        if data_driven == "corda":
+            start_from(layer, *corda_factors(layer, data))
+        else:
+            start_from(layer, *loraga_factors(layer, data, config.lora_ga_config, layer.rng))
     mark_only_lora_as_trainable(model, config.bias)
     if config.inference_mode:   # PEFT's: adapters and modules to save frozen, its bias rule kept
         for name, param in model.named_parameters():
@@ -124,15 +135,18 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
 
 
 def _with_sub_configs(config, func):
-    """config with eva_config an EvaConfig and corda_config a CordaConfig (dicts of their fields are
-    accepted): PEFT's default one (and a warning) for init 'eva' / 'corda' without it; a warning
-    for one another init ignores."""
+    """config with eva_config an EvaConfig, corda_config a CordaConfig and lora_ga_config a
+    LoraGAConfig (dicts of their fields are accepted): PEFT's default one (and a warning) for init
+    'eva' / 'corda' without it (an error for 'lora_ga', as PEFT); a warning for one another init ignores."""
     changes = {}
     init = config.init_lora_weights
     for field_name, name, cls, convert in (("eva_config", "eva", EvaConfig, eva_config_of),
-                                           ("corda_config", "corda", CordaConfig, corda_config_of)):
+                                           ("corda_config", "corda", CordaConfig, corda_config_of),
+                                           ("lora_ga_config", "lora_ga", LoraGAConfig, loraga_config_of)):
         value = convert(getattr(config, field_name), func)
         chosen = isinstance(init, str) and init == name
+        if chosen and value is None and name == "lora_ga":   # PEFT has no default LoRA-GA config either
+            raise ValueError(f"{func}: init_lora_weights='lora_ga' needs lora_ga_config=lorac.LoraGAConfig(...)")
         if chosen and value is None:
             warnings.warn(f"{func}: init_lora_weights is {name!r} but {field_name} is not given; using the "
                           f"default {cls.__name__}()", UserWarning, stacklevel=3)
@@ -143,22 +157,6 @@ def _with_sub_configs(config, func):
         if value is not getattr(config, field_name):
             changes[field_name] = value
     return replace(config, **changes) if changes else config
-
-
-def _start_corda(layer, eigens):
-    """A freshly injected layer takes CorDA's lora_A / lora_B and residual base weight (corda.py)."""
-    merged = layer.merged
-    layer.unmerge()
-    lora_a, lora_b, weight = corda_start(layer, eigens)
-    layer.lora_A.data[...] = lora_a
-    layer.lora_B.data[...] = lora_b
-    layer.weight.data[...] = weight
-    if "lora_magnitude_vector" in layer._parameters:   # DoRA: the norms of the (unchanged) W = residual + s B A
-        layer.lora_magnitude_vector.data[...] = layer.dora_row_norms()
-    layer.__dict__.pop(EIGENS, None)
-    layer._changed()
-    if merged:
-        layer.merge()
 
 
 def _modules_to_save(model, config, func):
