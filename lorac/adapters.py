@@ -632,7 +632,7 @@ def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, st
         rslora = (current.use_rslora if current is not None else False) if rslora is None else bool(rslora)
         dropout = current.lora_dropout if current is not None else 0.0
         bias = _checked_lora_bias(layer, biases.pop(lpath, None), path)
-        plans.append((layer, has, AdapterConfig(r, alpha, dropout, rslora), a, b, bias))
+        plans.append((layer, has, AdapterConfig(r, alpha, dropout, rslora), a, b, bias, record.get("mica")))
     if biases:
         key = next(iter(biases.values()))[0]
         raise ValueError(f"load_adapter: {path}: {key!r} has no lora_A / lora_B of its layer in the file")
@@ -647,10 +647,12 @@ def load_adapter(model, path, adapter_name, lora_alpha=None, use_rslora=None, st
             parts.append("unexpected keys: " + ", ".join(repr(k) for k in unexpected))
         raise StateDictKeyError(f"load_adapter({adapter_name!r}) from {path}: " + "; ".join(parts),
                                 missing, unexpected)
-    for layer, has, config, a, b, bias in plans:
+    for layer, has, config, a, b, bias, mica in plans:
         if not has:
             layer.add_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
         layer._replace_adapter(adapter_name, a, b, config, lora_bias=bias)
+        if mica is not None:   # a PEFT folder says whether lora_B trains (MiCA); a lorac file keeps the rule
+            layer._follow_init(adapter_name, check_init("mica" if mica else "kaiming"))
     return IncompatibleKeys(missing, unexpected)
 
 
@@ -690,7 +692,7 @@ def _adapter_file(path):
             state[lorac_key(lpath, "lora_magnitude_vector")] = layer.magnitude
         if layer.lora_bias is not None:
             state[lorac_key(lpath, "lora_bias")] = layer.lora_bias
-        records[lpath] = {"lora_alpha": layer.lora_alpha, "use_rslora": layer.use_rslora}
+        records[lpath] = {"lora_alpha": layer.lora_alpha, "use_rslora": layer.use_rslora, "mica": layer.frozen_b}
     return state, records, None, None
 
 

@@ -22,8 +22,12 @@ def mark_only_lora_as_trainable(model, bias="none"):
     loralib, "lora_" parameters are (re)enabled here, not just left as they were.
     """
     _check_bias_mode(bias)
+    frozen = set()   # adapter parameters that never train (MiCA's lora_B)
+    for module in model.modules():
+        if isinstance(module, LoRALayer):
+            frozen |= module.frozen_adapter_parameters()
     for name, param in model.named_parameters():
-        param.requires_grad = "lora_" in name
+        param.requires_grad = "lora_" in name and id(param) not in frozen
     if bias == "all":
         for name, param in model.named_parameters():
             if "bias" in name:

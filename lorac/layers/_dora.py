@@ -15,6 +15,11 @@ from ._lora_init import check_init
 from ._threading import locked
 
 
+
+def _refuse_mica(init, init_std, func):
+    if check_init(init, init_std, func).name == "mica":
+        raise ValueError(f"{func}: init='mica' (MiCA: lora_B frozen) does not combine with DoRA")
+
 class DoRAMagnitude:
     """Mixin placed before a LoRA layer class (Linear, Embedding) in the bases.
 
@@ -27,9 +32,11 @@ class DoRAMagnitude:
     _plain_class = None
 
     @staticmethod
-    def _require_rank(r, name):
+    def _require_rank(r, name, init="kaiming", init_std=None):
+        """The checks a DoRA layer makes before its plain layer's constructor: r >= 1, not MiCA."""
         if isinstance(r, (int, np.integer)) and not isinstance(r, bool) and r == 0:
             raise ValueError(f"{name}: r must be >= 1 (DoRA needs an adapter; use the plain layer for r = 0)")
+        _refuse_mica(init, init_std, name)
 
     def _init_magnitude(self):
         """lora_magnitude_vector = ||W0 + s B A||_row (the new layer computes what its base does)."""
@@ -108,7 +115,7 @@ class DoRAMagnitude:
         ||W0 + s B A|| (the output is the base layer's again, or PiSSA's unchanged one).
         A merged layer is unmerged around it: the norms and the merge need the new values."""
         self._require_adapter(name)
-        check_init(init, init_std, f"{type(self).__name__}.reset_adapter")   # before anything changes
+        _refuse_mica(init, init_std, f"{type(self).__name__}.reset_adapter")   # checks init before anything changes
         merged = self.merged_adapters
         self.unmerge()
         try:

@@ -54,6 +54,12 @@ Initialisations (``init``):
   Q[0::2] and Q[1::2] are orthogonal, so B A = 0: both factors start
   non-zero and the adapter still starts as a no-op (up to rounding to the
   layer's dtype).  Each group draws its own.
+- ``'mica'`` (MiCA, minor component adaptation; PEFT's ``'mica'``): B = the
+  r left singular vectors of each adapted block of W0 with the *smallest*
+  singular values (the SVD in float64), A = 0: the adapter starts as a
+  no-op and the base weight is untouched.  MiCA trains A only: the layers
+  keep lora_B frozen (``set_adapter``, ``mark_only_lora_as_trainable`` and
+  ``get_peft_model`` leave it so).  r must be <= min(group_out, fan_in).
 - ``True`` / ``False``: PEFT's ``init_lora_weights``.  True means
   'kaiming'.  False makes both factors random, a non-trivial adapter for
   tests: A and B kaiming-uniform (Embedding: both N(0, 1)).
@@ -71,8 +77,9 @@ import numpy as np
 from .. import init as _init
 from .._arrays import as_generator, float_dtype, non_negative_int
 
-INITS = ("kaiming", "gaussian", "zeros_A", "pissa", "olora", "orthogonal")
+INITS = ("kaiming", "gaussian", "zeros_A", "pissa", "olora", "orthogonal", "mica")
 BASE_CHANGING = ("pissa", "olora")   # inits that factor the base weight and replace it by the residual
+FROM_WEIGHT = BASE_CHANGING + ("mica",)   # inits that read the base weight
 DEFAULT_STD = {"gaussian": 0.01, "zeros_A": 1.0}
 KINDS = ("linear", "embedding")
 _PISSA_NITER = re.compile(r"pissa_niter_([0-9]+)\Z")
@@ -93,7 +100,7 @@ def check_init(init, std=None, func="init"):
 
     An InitSpec (already checked) passes through when std is None.  TypeError
     for a wrong type, ValueError for an unknown name or a bad std."""
-    choices = ("'kaiming', 'gaussian', 'zeros_A', 'pissa', 'pissa_niter_N', 'olora', 'orthogonal' "
+    choices = ("'kaiming', 'gaussian', 'zeros_A', 'pissa', 'pissa_niter_N', 'olora', 'orthogonal', 'mica' "
                "(or PEFT's True / False)")
     niter = None
     if isinstance(init, InitSpec) and std is None:
@@ -157,14 +164,20 @@ def init_adapter(init, r, fan_in, group_out, *, kind="linear", block_starts=(0,)
                          f"out_features = {rows}")
     dtype = float_dtype(dtype, f"{func}: dtype")
     rng = as_generator(rng, f"{func}: rng")
-    if spec.name in BASE_CHANGING:   # every check before any draw or factorisation
+    if spec.name in FROM_WEIGHT:   # every check before any draw or factorisation
         w_view = _base_weight(weight, rows, fan_in, transposed, spec.name, func)
+    if spec.name in BASE_CHANGING:
         scaling = _residual_scaling(scaling, spec.name, func)
+    if spec.name == "mica" and r > min(group_out, fan_in):
+        raise ValueError(f"{func}: init='mica' needs r <= min(out, in) of each adapted block = "
+                         f"{min(group_out, fan_in)} (B takes that many minor singular directions), got r = {r}")
     if spec.name == "orthogonal" and r % 2:
         raise ValueError(f"{func}: init='orthogonal' needs an even r (its A and B take r / 2 orthogonal "
                          f"directions each), got r = {r}")
 
     groups = len(starts)
+    if spec.name == "mica":
+        return AdapterInit(*_minor_factors(w_view, r, group_out, starts, dtype), None)
     if spec.name == "orthogonal":
         return AdapterInit(*_orthogonal_factors(groups, r, fan_in, group_out, rng, dtype), None)
     a, b = _random_factors(spec, kind, groups * r, fan_in, groups * group_out, r, rng, dtype)
@@ -258,6 +271,18 @@ def _residual_scaling(scaling, name, func):
     if not np.isfinite(scaling):
         raise ValueError(f"{func}: init={name!r} needs a finite scaling = lora_alpha / r, got {scaling}")
     return scaling
+
+
+def _minor_factors(w_view, r, group_out, starts, dtype):
+    """MiCA's start for each group: (A = 0 (groups * r, fan_in), B (groups * group_out, r) = the r left
+    singular vectors of the group's block of w_view (float64 (out, in)) with the smallest singular values)."""
+    fan_in = w_view.shape[1]
+    a = np.zeros((len(starts) * r, fan_in), dtype)
+    b = np.empty((len(starts) * group_out, r), dtype)
+    for e, start in enumerate(starts):
+        u = np.linalg.svd(w_view[start:start + group_out], full_matrices=False)[0]      # (og, min)
+        b[e * group_out:(e + 1) * group_out] = u[:, u.shape[1] - r:]
+    return a, b
 
 
 def _orthogonal_factors(groups, r, fan_in, group_out, rng, dtype):

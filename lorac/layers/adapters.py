@@ -188,6 +188,7 @@ class NamedAdapters(ThreadState):
         self._mixed_users = 0
         self._adapter_version = 0
         self._plain = True
+        self._frozen_factors = {}   # adapter name -> its parameters that never train (MiCA: ("lora_B",))
 
     def _adapter_capable(self):
         """Can this layer hold an adapter at all (MergedLinear: some group enabled)?"""
@@ -305,6 +306,7 @@ class NamedAdapters(ThreadState):
         if lora_bias:
             self._register_lora_bias(name, spec, r, gen, requires_grad=False)
         self._adapters[name] = config
+        self._follow_init(name, spec)
         weight = self._parameters["weight"]
         if start.weight is not None:
             weight.data[...] = start.weight
@@ -346,6 +348,7 @@ class NamedAdapters(ThreadState):
             lora_bias.grad = None
         if start.weight is not None:   # 'pissa' / 'olora': only on an unmerged layer (checked above)
             self._parameters["weight"].data[...] = start.weight
+        self._follow_init(name, spec)
         if merged:
             self.merge(merged)
         self._changed()
@@ -416,10 +419,28 @@ class NamedAdapters(ThreadState):
         return self
 
     def _train_only(self, names, trainable=True):
-        """requires_grad = trainable for adapters `names`, False for every other adapter."""
+        """requires_grad = trainable for adapters `names`, False for every other adapter (and for the
+        parameters an adapter never trains, MiCA's lora_B)."""
+        frozen = self.frozen_adapter_parameters()
         for name in self._adapters:
             for param in self.adapter_owned_parameters(name):
-                param.requires_grad = trainable and name in names
+                param.requires_grad = trainable and name in names and id(param) not in frozen
+
+    def frozen_adapter_parameters(self):
+        """{id(Parameter)} of the adapter parameters that never train (MiCA's lora_B; PEFT's frozen
+        peft weights)."""
+        return {id(self.adapter_parameters(name)[1]) for name in self._frozen_factors}
+
+    def _follow_init(self, name, spec):
+        """After adapter `name` started with `spec`: MiCA ('mica') trains lora_A only, so its lora_B is
+        frozen and stays so; any other init lifts that (lora_B trains as lora_A does)."""
+        lora_a, lora_b = self.adapter_parameters(name)
+        if spec.name == "mica":
+            self._frozen_factors[name] = ("lora_B",)
+            lora_b.requires_grad = False
+            lora_b.grad = None
+        elif self._frozen_factors.pop(name, None):
+            lora_b.requires_grad = lora_a.requires_grad
 
     @locked
     def delete_adapter(self, name):
@@ -436,6 +457,7 @@ class NamedAdapters(ThreadState):
         for pname in param_names(name) + (bias_param_name(name),):
             self._parameters.pop(pname, None)
         del self._adapters[name]
+        self._frozen_factors.pop(name, None)
         self._changed()
         return self
 

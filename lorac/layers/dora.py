@@ -57,7 +57,7 @@ class DoRALinear(DoRAMagnitude, Linear):
     def __init__(self, in_features, out_features, r=8, lora_alpha=1, lora_dropout=0.0, fan_in_fan_out=False,
                  merge_weights=True, bias=True, dtype=np.float32, rng=None, use_rslora=False, init="kaiming",
                  init_std=None):
-        self._require_rank(r, "DoRALinear")
+        self._require_rank(r, "DoRALinear", init, init_std)
         super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights,
                          bias, dtype, rng, use_rslora, init, init_std)
         self._init_magnitude()

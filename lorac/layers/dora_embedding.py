@@ -36,7 +36,7 @@ class DoRAEmbedding(DoRAMagnitude, Embedding):
 
     def __init__(self, num_embeddings, embedding_dim, r=8, lora_alpha=1, merge_weights=True, padding_idx=None,
                  dtype=np.float32, rng=None, use_rslora=False, init="kaiming", init_std=None):
-        self._require_rank(r, "DoRAEmbedding")
+        self._require_rank(r, "DoRAEmbedding", init, init_std)
         super().__init__(num_embeddings, embedding_dim, r, lora_alpha, merge_weights, padding_idx, dtype, rng,
                          use_rslora, init, init_std)
         self._init_magnitude()

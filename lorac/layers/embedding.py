@@ -9,6 +9,7 @@ from ..module import Module, Parameter
 from ._threading import locked, store_cache
 from ._grads import GradBuffers
 from ._lora_init import check_init
+from .adapters import DEFAULT
 from .base import LoRALayer
 
 # What backward needs from a forward, a plain tuple (layers/base.py says why):
@@ -59,6 +60,7 @@ class Embedding(LoRALayer, Module):
             self.lora_B = Parameter(start.lora_B)
             if start.weight is not None:   # 'pissa': the base becomes W0 - scaling * (B A)^T
                 self.weight.data[...] = start.weight
+            self._follow_init(DEFAULT, spec)
 
     # -- forward / backward ---------------------------------------------
     @locked

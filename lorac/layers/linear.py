@@ -89,6 +89,7 @@ class Linear(LoRALayer, Module):
                 self.weight.data[...] = start.weight
             if lora_bias:
                 self._register_lora_bias(DEFAULT, spec, self.r, self.rng)
+            self._follow_init(DEFAULT, spec)
 
     # -- forward / backward ---------------------------------------------
     def forward(self, x):

@@ -10,6 +10,7 @@ from ..module import Module, Parameter
 from ._threading import locked, store_cache
 from ._grads import GradBuffers
 from ._lora_init import check_init
+from .adapters import DEFAULT
 from .base import LoRALayer
 
 # What backward needs from a forward, a plain tuple (layers/base.py says why):
@@ -76,6 +77,7 @@ class MergedLinear(LoRALayer, Module):
             self.lora_B = Parameter(start.lora_B)
             if start.weight is not None:   # 'pissa': each enabled block becomes W0_g - scaling * B_g A_g
                 self.weight.data[...] = start.weight
+            self._follow_init(DEFAULT, spec)
 
     @property
     def lora_ind(self):

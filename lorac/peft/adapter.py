@@ -52,6 +52,7 @@ class LayerAdapter:
     keys: tuple = ()  # the source keys of lora_A and lora_B, for messages
     magnitude: np.ndarray = None  # DoRA's lora_magnitude_vector (out,), None for plain LoRA
     lora_bias: np.ndarray = None  # PEFT's lora_bias (lora_B's bias) (out,), None when the adapter has none
+    frozen_b: bool = False  # MiCA: lora_B never trains (init_lora_weights "mica")
 
     @property
     def r(self):

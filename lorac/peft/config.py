@@ -19,7 +19,9 @@ Reading (``parse_config``) follows PEFT's LoraConfig field by field:
   ``layer_replication``, ``target_parameters``, ``trainable_token_indices``,
   ``megatron_config``, the old ``enable_lora`` (fused layers), and
   ``init_lora_weights`` values that change the base model's weights (pissa*,
-  olora, corda, loftq, lora_ga, mica) or that lorac does not know.
+  olora, corda, loftq, lora_ga) or that lorac does not know.
+- ``init_lora_weights="mica"`` (MiCA) leaves the base weights alone: its
+  layers load with lora_B frozen, as PEFT trains them (lora_A only).
 - Ignored: ``target_modules``, ``exclude_modules``, ``layers_to_transform``,
   ``layers_pattern`` -- the tensors in the file say which layers carry an
   adapter -- and bookkeeping fields (task_type, revision, ...).
@@ -70,8 +72,8 @@ REFUSED_FIELDS = {
 }
 
 # init_lora_weights values that leave the base weights untouched.
-SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
+SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 class PeftConfigError(ValueError):
@@ -119,6 +121,7 @@ class PeftAdapterConfig:
     lora_dropout: float = 0.0
     use_dora: bool = False
     lora_bias: bool = False
+    mica: bool = False       # init_lora_weights "mica": lora_B stays frozen
     bias: str = "none"
     modules_to_save: list = field(default_factory=list)
     base_model_name_or_path: str = None
@@ -185,12 +188,16 @@ def parse_config(raw, source):
         lora_dropout=dropout,
         use_dora=_flag(raw, "use_dora", source),
         lora_bias=_flag(raw, "lora_bias", source),
+        mica=isinstance(init, str) and init == "mica",
         bias=bias,
         modules_to_save=list(modules_to_save),
         base_model_name_or_path=base if isinstance(base, str) else None,
         rank_pattern=_pattern_regexes(raw.get("rank_pattern"), "rank_pattern", source),
         alpha_pattern=_pattern_regexes(raw.get("alpha_pattern"), "alpha_pattern", source),
     )
+    if config.mica and config.use_dora:
+        raise PeftConfigError(f"{source}: init_lora_weights='mica' with use_dora: lorac's DoRA layers do not take "
+                              "MiCA's frozen lora_B")
     if config.lora_bias and config.use_dora:
         raise PeftConfigError(f"{source}: lora_bias and use_dora are both set, which PEFT's LoraConfig refuses")
     if config.lora_bias and init not in (True, False):
@@ -225,7 +232,7 @@ def _number(value):
 
 
 def build_config(layers, base_model_name_or_path=None, lora_dropout=0.0, bias="none", modules_to_save=None,
-                 use_dora=False, lora_bias=False):
+                 use_dora=False, lora_bias=False, mica=False):
     """adapter_config.json content (a dict) for ``layers``: {path: LayerAdapter};
     ``bias`` and ``modules_to_save`` say which other tensors the folder holds.
 
@@ -262,7 +269,7 @@ def build_config(layers, base_model_name_or_path=None, lora_dropout=0.0, bias="n
         "alpha_pattern": {exact_pattern(p): _number(alphas[p]) for p in paths if alphas[p] != alpha},
         "bias": bias,
         "modules_to_save": list(modules_to_save) if modules_to_save else None,
-        "init_lora_weights": True,
+        "init_lora_weights": "mica" if mica else True,   # MiCA: PEFT keeps lora_B frozen when it loads
         "inference_mode": True,
         "use_dora": bool(use_dora),
         "lora_bias": bool(lora_bias),

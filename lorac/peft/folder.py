@@ -150,7 +150,8 @@ def read_peft_folder(path, adapter_name=None):
                                   f"(r={r} from adapter_config.json), found shape {tuple(b.shape)}")
         adapter.layers[path] = LayerAdapter(
             a, b, kind=a_kind, lora_alpha=config.alpha_for(path), use_rslora=config.use_rslora,
-            fan_in_fan_out=config.fan_in_fan_out if a_kind == "linear" else False, keys=(a_key, b_key))
+            fan_in_fan_out=config.fan_in_fan_out if a_kind == "linear" else False, keys=(a_key, b_key),
+            frozen_b=config.mica)
     _apply_layouts(adapter, checkpoint.read_metadata(source).get(LAYOUT_KEY), source)
     _attach_magnitudes(adapter, vectors["dora"], config, source)
     _attach_lora_biases(adapter, vectors["lora_bias"], config, source)
@@ -244,8 +245,14 @@ def write_peft_folder(adapter, path, base_model_name_or_path=None, bias="none", 
         raise AdapterError(f"layers {biased[0]!r} (with lora_bias) and {embedding!r} (an Embedding) cannot share "
                            "one PEFT adapter: its adapter_config.json has one lora_bias, which PEFT refuses on "
                            "Embedding layers; save them separately")
+    mica = [p for p, layer in layers.items() if layer.frozen_b]
+    if mica and len(mica) != len(layers):
+        plain = next(p for p, layer in layers.items() if not layer.frozen_b)
+        raise AdapterError(f"layers {mica[0]!r} (MiCA: lora_B frozen) and {plain!r} (plain LoRA) cannot share one "
+                           "PEFT adapter: its adapter_config.json has one init_lora_weights; save them separately")
     config = build_config(layers, base_model_name_or_path or adapter.base_model_name_or_path,
-                          adapter.lora_dropout, bias, modules_to_save, use_dora=bool(dora), lora_bias=bool(biased))
+                          adapter.lora_dropout, bias, modules_to_save, use_dora=bool(dora), lora_bias=bool(biased),
+                          mica=bool(mica))
     tensors = dict(peft_tensors or {})
     for path_ in dora:
         tensors[peft_magnitude_key(path_)] = layers[path_].magnitude

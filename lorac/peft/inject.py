@@ -110,6 +110,8 @@ def inject_lora(model, target_modules, r, lora_alpha=1, lora_dropout=0.0, fan_in
 
     if lora_bias:
         _check_lora_bias(chosen, spec, use_dora, func)
+    if use_dora and "mica" in (spec.name, embedding_spec.name):
+        raise ValueError(f"{func}: init='mica' (MiCA: lora_B frozen) does not combine with use_dora=True")
     settings = per_layer_settings([path for path, _ in chosen], r, lora_alpha, rank_pattern, alpha_pattern, func)
     for path, module in chosen:
         if fan_in_fan_out is not None and layer_kind(module) == "linear" \

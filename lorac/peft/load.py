@@ -1,5 +1,7 @@
 """load_peft_adapter: a PEFT LoRA adapter folder onto a lorac model."""
 
+from ..layers._lora_init import check_init
+from ..layers.adapters import DEFAULT
 from ..module import IncompatibleKeys, Module, StateDictKeyError, _checked_value
 from .folder import read_peft_folder
 from .keys import lorac_key
@@ -111,6 +113,8 @@ def load_peft_adapter(model, path, adapter_name=None, strict=True):
     for (mpath, module, layer), new in zip(plans, news):
         swap_layer(modules, mpath, module, new, layer.lora_A, layer.lora_B, magnitude=layer.magnitude,
                    lora_bias=layer.lora_bias)
+        if layer.frozen_b:   # MiCA: lora_B stays frozen, as PEFT trains it
+            new._follow_init(DEFAULT, check_init("mica"))
         modules[mpath] = new
     for mpath, values in extras.items():
         modules[mpath]._load_state_items(values)

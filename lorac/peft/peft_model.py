@@ -16,7 +16,8 @@ takes its bias, modules_to_save and base_model_name_or_path when not told.
 
 As in PEFT: r = 8 and lora_alpha = 8 by default; init_lora_weights
 "gaussian" draws A with std 1 / r of each layer; an Embedding starts at
-its default init (A = 0, B ~ N(0, 1)) under every init but False.
+its default init (A = 0, B ~ N(0, 1)) under every init but False and
+'mica' (MiCA's start, which PEFT gives Embedding layers too).
 Unlike PEFT, a module to save trains in place: PEFT trains a copy and
 keeps the original for ``disable_adapter()``, which lorac cannot give
 back (save the original state first if you need it).
@@ -111,7 +112,7 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
                 config.fan_in_fan_out, config.use_rslora, rng, exclude_modules=config.exclude_modules,
                 rank_pattern=config.rank_pattern or None, alpha_pattern=config.alpha_pattern or None,
                 layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
-                init=init, use_dora=config.use_dora, embedding_init=init is not False, lora_bias=config.lora_bias)
+                init=init, use_dora=config.use_dora, embedding_init=_embedding_init(init), lora_bias=config.lora_bias)
     for module in model.modules():   # PEFT's gaussian std, 1 / r of each layer this call adapted
         if gaussian and layer_kind(module) == "linear" and module.r > 0 and id(module) not in adapted_before:
             module.reset_adapter(init="gaussian", init_std=1.0 / module.r)
@@ -132,6 +133,14 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
                 param.requires_grad = True
     model.peft_config = {DEFAULT: config}
     return model
+
+
+def _embedding_init(init):
+    """PEFT's start of an Embedding adapter: its default (A = 0, B ~ N(0, 1)) under every init but
+    False (both random) and 'mica' (which PEFT's Embedding layers take too)."""
+    if isinstance(init, str) and init == "mica":
+        return init
+    return init is not False
 
 
 def _with_sub_configs(config, func):

@@ -42,7 +42,8 @@ def adapter_from_model(model, adapter_name="default"):
             use_rslora=config.use_rslora, fan_in_fan_out=getattr(module, "fan_in_fan_out", False),
             keys=(lorac_key(path, "lora_A"), lorac_key(path, "lora_B")),
             magnitude=module.lora_magnitude_vector.data.copy() if module.use_dora else None,
-            lora_bias=None if lora_bias is None else lora_bias.data.copy())
+            lora_bias=None if lora_bias is None else lora_bias.data.copy(),
+            frozen_b=adapter_name in module._frozen_factors)
         if kind == "linear":
             dropouts.append(config.lora_dropout)
     if dropouts:

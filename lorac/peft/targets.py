@@ -89,6 +89,7 @@ def build_layer(old, r, lora_alpha, use_rslora, lora_dropout, rng, init=None, us
         new._dora_merge = None
     if lora_bias:
         new._register_lora_bias(DEFAULT, spec, r, new.rng)
+    new._follow_init(DEFAULT, spec)
     return new, start.weight
 
 
