@@ -300,7 +300,8 @@ def _plain_layer(layer):
 
 # -- weighted combinations ---------------------------------------------------------------
 def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd_rank=None, density=None,
-                         majority_sign_method="total", rng=None, svd_clamp=None, *, combination_type=None):
+                         majority_sign_method="total", rng=None, svd_clamp=None, *, combination_type=None,
+                         svd_full_matrices=True, svd_driver=None):
     """Add adapter `new_name` combining adapters `names` with `weights`.
 
     In every layer holding some of them the target is the weighted delta
@@ -338,6 +339,10 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
     svd_clamp (the svd combinations; None: off), PEFT's: with hi the
     svd_clamp-quantile (in [0, 1]) of the entries of both factors together,
     clamp every entry of B and A to [-hi, hi].
+    svd_full_matrices / svd_driver: PEFT's keywords for torch.linalg.svd.
+    The truncated factors do not depend on full_matrices (a bool is
+    accepted); a driver picks a cuSOLVER routine on CUDA, so lorac (CPU)
+    takes None only, as torch does on the CPU.
     With a single name, the pruning kinds fall back to "linear", as PEFT's
     do.  MergedLinear layers combine group by group (a merge prunes the
     stack of a layer's groups as one tensor).  Checked before any change.
@@ -365,6 +370,11 @@ def add_weighted_adapter(model, names, weights, new_name, combination="cat", svd
         if svd_rank == 0:
             raise ValueError("add_weighted_adapter: svd_rank must be >= 1, got 0")
     svd_clamp = clamp_option(svd_clamp, combination)
+    if not isinstance(svd_full_matrices, (bool, np.bool_)):
+        raise TypeError(f"add_weighted_adapter: svd_full_matrices must be True or False, got {svd_full_matrices!r}")
+    if svd_driver is not None:
+        raise ValueError(f"add_weighted_adapter: svd_driver={svd_driver!r} selects a cuSOLVER routine (CUDA); lorac "
+                         "runs on the CPU, where torch takes none either: leave it None")
     combination, merge = combination_plan(combination, len(names), density, majority_sign_method, rng)
     _require_known(model, names, "add_weighted_adapter")
     if new_name in adapter_names(model):

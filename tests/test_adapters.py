@@ -659,6 +659,13 @@ def test_weighted_adapter_errors():
         lorac.add_weighted_adapter(net, ["a"], [1], "mix", combination="svd", combination_type="svd")
     lorac.add_weighted_adapter(net, ["a", "b"], [1, 1], "peft_style", combination_type="svd", svd_rank=2)
     assert net.proj.adapter_config("peft_style").r == 2   # svd's rank, not cat's 4
+    lorac.add_weighted_adapter(net, ["a", "b"], [1, 1], "full", combination_type="svd", svd_rank=2,
+                               svd_full_matrices=False)     # PEFT's keyword: the same truncated factors
+    np.testing.assert_array_equal(net.proj.lora_A_full.data, net.proj.lora_A_peft_style.data)
+    with pytest.raises(ValueError, match="svd_driver='gesvdj' selects a cuSOLVER routine"):
+        lorac.add_weighted_adapter(net, ["a"], [1], "mix", combination="svd", svd_driver="gesvdj")
+    with pytest.raises(TypeError, match="svd_full_matrices must be True or False"):
+        lorac.add_weighted_adapter(net, ["a"], [1], "mix", combination="svd", svd_full_matrices="no")
     with pytest.raises(ValueError, match="already has an adapter 'b'"):
         lorac.add_weighted_adapter(net, ["a"], [1], "b")
     with pytest.raises(ValueError, match="weights"):

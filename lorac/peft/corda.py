@@ -103,7 +103,7 @@ def preprocess_corda(model, lora_config, run_model=None, hooked_model=None):
 
     func = "preprocess_corda"
     for what, value in (("model", model), ("hooked_model", hooked_model)):
-        if value is not None and not isinstance(value, Module):
+        if (value is not None or what == "model") and not isinstance(value, Module):
             raise TypeError(f"{func}: {what} must be a lorac.Module, got {type(value).__name__}")
     if not isinstance(lora_config, LoraConfig):
         raise TypeError(f"{func}: lora_config must be a lorac.LoraConfig, got {type(lora_config).__name__}")

@@ -18,6 +18,10 @@ As in PEFT: r = 8 and lora_alpha = 8 by default; init_lora_weights
 "gaussian" draws A with std 1 / r of each layer; an Embedding starts at
 its default init (A = 0, B ~ N(0, 1)) under every init but False and
 'mica' (MiCA's start, which PEFT gives Embedding layers too).
+The data-driven inits take their sub-configs as PEFT's: "eva" (eva_config;
+lora_A kaiming and lora_B zero until lorac.initialize_lora_eva_weights,
+eva.py), "corda" (corda_config; after lorac.preprocess_corda, corda.py) and
+"lora_ga" (lora_ga_config; after lorac.preprocess_loraga, loraga.py).
 Unlike PEFT, a module to save trains in place: PEFT trains a copy and
 keeps the original for ``disable_adapter()``, which lorac cannot give
 back (save the original state first if you need it).
