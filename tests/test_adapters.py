@@ -677,7 +677,7 @@ def test_weighted_adapter_errors():
             lorac.add_weighted_adapter(net, ["a", "b"], [1, 1], "mix", combination="svd", svd_clamp=bad)
     with pytest.raises(TypeError, match="svd_clamp"):
         lorac.add_weighted_adapter(net, ["a", "b"], [1, 1], "mix", combination="svd", svd_clamp="0.9")
-    assert set(lorac.adapter_names(net)) == {"default", "a", "b", "peft_style"}
+    assert set(lorac.adapter_names(net)) == {"default", "a", "b", "peft_style", "full"}
 
 
 # -- rsLoRA everywhere -----------------------------------------------------------------------------
