@@ -15,6 +15,10 @@ def register(subparsers):
                         help="instead: the LoRA paper's subspace-similarity figure -- train r=8, r=64 and a second "
                              "r=64 seed, write heatmaps of phi(i, j) beside a random-Gaussian baseline "
                              "(about 30 s; --quick: one repetition, fewer epochs, under 10 s)")
+    parser.add_argument("--inits", action="store_true",
+                        help="instead: LoRA's initialisations side by side at one rank (kaiming, gaussian, "
+                             "orthogonal, pissa, olora, mica, eva, corda ipm/kpm, lora_ga): test accuracy along "
+                             "the same training (about 40 s; --quick: under 15 s)")
     parser.add_argument("--out", default="lorac-demo", metavar="DIR",
                         help="folder for checkpoints, summary.json/.txt and PNG plots (default: %(default)s)")
     parser.add_argument("--epochs", type=_positive_int, metavar="N",
@@ -23,7 +27,7 @@ def register(subparsers):
                         help="pretraining epochs (default: 20, --quick: 8)")
     parser.add_argument("--ranks", type=_ranks, metavar="R,R,...",
                         help="LoRA ranks to compare (default: 1,2,4,8,16,64; with --similarity exactly two, "
-                             "default 8,64)")
+                             "default 8,64; with --inits one, default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
     parser.add_argument("--threads", type=_positive_int, default=1, metavar="N",
                         help="OpenBLAS threads (default: %(default)s; the demo's matrices are small)")
@@ -69,8 +73,10 @@ def run(args):
         changes["pretrain_epochs"] = args.pretrain_epochs
     if args.ranks is not None:
         changes["ranks"] = args.ranks
-    if args.similarity:
-        return _run_similarity(args, changes)
+    if args.similarity and args.inits:
+        raise CommandError("--similarity and --inits are two different runs: give one")
+    if args.similarity or args.inits:
+        return _run_variant(args, changes, "similarity" if args.similarity else "inits")
     config = (quick_config if args.quick else default_config)(**changes)
     start = time.perf_counter()
     try:
@@ -85,27 +91,37 @@ def run(args):
     return 0
 
 
-def _run_similarity(args, changes):
-    """`lorac demo --similarity` (lorac.demo.similarity)."""
+# --similarity / --inits: (module, how many --ranks, the config field they set, the files it writes)
+VARIANTS = {
+    "similarity": ("similarity", 2, "similarity_ranks", "the adapters"),
+    "inits": ("inits", 1, "inits_rank", None),
+}
+
+
+def _run_variant(args, changes, name):
+    """`lorac demo --similarity` (lorac.demo.similarity) or `--inits` (lorac.demo.inits)."""
+    import importlib
+
     from . import CommandError
     from ..demo import default_config, quick_config
     from ..demo._deps import MissingDependency
-    from ..demo.similarity import run as run_similarity
 
+    module_name, count, field, extra_files = VARIANTS[name]
     ranks = changes.pop("ranks", None)
     if ranks is not None:
-        if len(ranks) != 2:
-            raise CommandError(f"--ranks with --similarity takes exactly two ranks (small,large), got "
-                               f"{','.join(map(str, ranks))}")
-        changes["similarity_ranks"] = ranks
+        if len(ranks) != count:
+            wanted = "two ranks (small,large)" if count == 2 else "one rank"
+            raise CommandError(f"--ranks with --{name} takes exactly {wanted}, got {','.join(map(str, ranks))}")
+        changes[field] = ranks if count > 1 else ranks[0]
     config = (quick_config if args.quick else default_config)(**changes)
     start = time.perf_counter()
     try:
-        results, text = run_similarity(config, args.out)
+        results, text = importlib.import_module(f"lorac.demo.{module_name}").run(config, args.out)
     except MissingDependency as exc:
         raise CommandError(str(exc)) from None
     print()
     print(text)
-    files = ["similarity.txt", "similarity.json"] + results.get("plots", [])
-    print(f"\nwrote {', '.join(files)} and the adapters to {args.out}/ in {time.perf_counter() - start:.1f} s")
+    files = [f"{name}.txt", f"{name}.json"] + results.get("plots", [])
+    also = f" and {extra_files}" if extra_files else ""
+    print(f"\nwrote {', '.join(files)}{also} to {args.out}/ in {time.perf_counter() - start:.1f} s")
     return 0

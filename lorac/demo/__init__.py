@@ -8,7 +8,8 @@ matplotlib).  Files: data.py (data set and shift), model.py (the MLP),
 train.py (loop and measurements), experiment.py (the steps), report.py
 (summary table), plots.py (figures).  ``lorac demo --similarity`` runs
 similarity.py instead: the LoRA paper's subspace-similarity figure (phi(i, j)
-between r = 8 and r = 64 adapters, two seeds and a random baseline).
+between r = 8 and r = 64 adapters, two seeds and a random baseline), and
+``lorac demo --inits`` inits.py: the LoRA initialisations side by side.
 """
 
 import json

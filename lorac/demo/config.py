@@ -31,6 +31,8 @@ class DemoConfig:
     # lorac demo --similarity (similarity.py): the LoRA paper's phi(i, j) figure in small
     similarity_ranks: tuple = (8, 64)        # the two ranks compared (r = 64 also trained with a second seed)
     similarity_layers: tuple = ("0", "2", "4")  # heatmap layers: all three (none cherry-picked)
+    # lorac demo --inits (inits.py): the LoRA initialisations side by side
+    inits_rank: int = 8
     similarity_repeats: int = 5              # independent repetitions (spread of phi across seeds)
 
     def with_(self, **changes):
