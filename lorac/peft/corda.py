@@ -43,6 +43,7 @@ import numpy as np
 from ..checkpoint import load, save
 from ..module import Module
 from ._prepared import attach, config_ranks, plain_linear_targets, prepared_data
+from .subconfig import sub_config
 from .targets import layer_kind
 
 # The cropped factors of one layer: S (r,), U (out, r), V (in, r), float64.
@@ -76,19 +77,6 @@ class CordaConfig:
                 raise TypeError(f"CordaConfig: {name} must be True or False, got {getattr(self, name)!r}")
 
 
-def corda_config_of(value, func):
-    """A LoraConfig's corda_config as a CordaConfig (a dict of its fields, as PEFT accepts, too)."""
-    if value is None or isinstance(value, CordaConfig):
-        return value
-    if isinstance(value, dict):
-        try:
-            return CordaConfig(**value)
-        except TypeError as exc:
-            raise TypeError(f"{func}: corda_config: {exc}") from None
-    raise TypeError(f"{func}: corda_config must be a lorac.CordaConfig or a dict of its fields, got "
-                    f"{type(value).__name__}")
-
-
 def preprocess_corda(model, lora_config, run_model=None, hooked_model=None):
     """Compute each target layer's CorDA factors (module docstring) and leave them on
     the layer for ``get_peft_model(model, lora_config)``.
@@ -107,7 +95,7 @@ def preprocess_corda(model, lora_config, run_model=None, hooked_model=None):
             raise TypeError(f"{func}: {what} must be a lorac.Module, got {type(value).__name__}")
     if not isinstance(lora_config, LoraConfig):
         raise TypeError(f"{func}: lora_config must be a lorac.LoraConfig, got {type(lora_config).__name__}")
-    corda = corda_config_of(lora_config.corda_config, func) or CordaConfig()
+    corda = sub_config(lora_config.corda_config, CordaConfig, "corda_config", func) or CordaConfig()
     targets = plain_linear_targets(model, lora_config, func, "CorDA")
     ranks = _ranks(targets, lora_config, func)
     cache = corda.cache_file

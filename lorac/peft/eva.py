@@ -57,6 +57,7 @@ from ..layers import DoRALinear, LoRALayer
 from ..layers.adapters import DEFAULT
 from ..module import Module
 from .select import compile_patterns, compile_selector, pattern_value
+from .subconfig import sub_config
 from .targets import build_layer, layer_kind, parent_of, swap_layer
 
 
@@ -90,19 +91,6 @@ class EvaConfig:
                 raise TypeError(f"EvaConfig: {name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.label_mask_value, bool) or not isinstance(self.label_mask_value, numbers.Integral):
             raise TypeError(f"EvaConfig: label_mask_value must be an integer, got {self.label_mask_value!r}")
-
-
-def eva_config_of(value, func):
-    """A LoraConfig's eva_config as an EvaConfig (a dict of its fields, as PEFT accepts, too)."""
-    if value is None or isinstance(value, EvaConfig):
-        return value
-    if isinstance(value, Mapping):
-        try:
-            return EvaConfig(**value)
-        except TypeError as exc:
-            raise TypeError(f"{func}: eva_config: {exc}") from None
-    raise TypeError(f"{func}: eva_config must be a lorac.EvaConfig or a dict of its fields, got "
-                    f"{type(value).__name__}")
 
 
 # -- what a batch gives the PCA -------------------------------------------------------
@@ -388,7 +376,7 @@ def _config(model, peft_config, adapter_name, func):
         peft_config = configs[adapter_name]
     if not isinstance(peft_config, LoraConfig):
         raise TypeError(f"{func}: peft_config must be a lorac.LoraConfig, got {type(peft_config).__name__}")
-    return replace(peft_config, eva_config=eva_config_of(peft_config.eva_config, func))
+    return replace(peft_config, eva_config=sub_config(peft_config.eva_config, EvaConfig, "eva_config", func))
 
 
 def _batches(dataloader, func):

@@ -49,6 +49,7 @@ import numpy as np
 from ..checkpoint import load, save
 from ..module import Module
 from ._prepared import attach, config_ranks, plain_linear_targets, prepared_data
+from .subconfig import sub_config
 
 DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
 SCALES = ("stable", "weight_svd", "gd_scale", "unit")
@@ -73,19 +74,6 @@ class LoraGAConfig:
             raise ValueError(f"LoraGAConfig: stable_gamma must be a number > 0, got {gamma!r}")
 
 
-def loraga_config_of(value, func):
-    """A LoraConfig's lora_ga_config as a LoraGAConfig (a dict of its fields, as PEFT accepts, too)."""
-    if value is None or isinstance(value, LoraGAConfig):
-        return value
-    if isinstance(value, dict):
-        try:
-            return LoraGAConfig(**value)
-        except TypeError as exc:
-            raise TypeError(f"{func}: lora_ga_config: {exc}") from None
-    raise TypeError(f"{func}: lora_ga_config must be a lorac.LoraGAConfig or a dict of its fields, got "
-                    f"{type(value).__name__}")
-
-
 def preprocess_loraga(model, lora_config, train_step, cache_file=None):
     """Estimate each target layer's weight gradient (module docstring) and leave it on the
     layer for ``get_peft_model(model, lora_config)``.
@@ -103,7 +91,7 @@ def preprocess_loraga(model, lora_config, train_step, cache_file=None):
         raise TypeError(f"{func}: model must be a lorac.Module, got {type(model).__name__}")
     if not isinstance(lora_config, LoraConfig):
         raise TypeError(f"{func}: lora_config must be a lorac.LoraConfig, got {type(lora_config).__name__}")
-    if loraga_config_of(lora_config.lora_ga_config, func) is None:
+    if sub_config(lora_config.lora_ga_config, LoraGAConfig, "lora_ga_config", func) is None:
         raise ValueError(f"{func}: LoRA-GA needs LoraConfig(init_lora_weights='lora_ga', "
                          "lora_ga_config=lorac.LoraGAConfig(...))")
     targets = plain_linear_targets(model, lora_config, func, "LoRA-GA")

@@ -33,9 +33,10 @@ from dataclasses import dataclass, field, replace
 from ..module import Module
 from ..utils import mark_only_lora_as_trainable
 from ._prepared import start_from
-from .corda import CordaConfig, corda_config_of, corda_eigens, corda_factors
-from .eva import EvaConfig, eva_config_of
-from .loraga import LoraGAConfig, loraga_config_of, loraga_factors, loraga_grads
+from .corda import CordaConfig, corda_eigens, corda_factors
+from .eva import EvaConfig
+from .loraga import LoraGAConfig, loraga_factors, loraga_grads
+from .subconfig import sub_config
 from .inject import inject_lora
 from .save import BIAS_MODES, select_modules_to_save
 from .select import compile_selector, expand_all_linear
@@ -153,10 +154,9 @@ def _with_sub_configs(config, func):
     'eva' / 'corda' without it (an error for 'lora_ga', as PEFT); a warning for one another init ignores."""
     changes = {}
     init = config.init_lora_weights
-    for field_name, name, cls, convert in (("eva_config", "eva", EvaConfig, eva_config_of),
-                                           ("corda_config", "corda", CordaConfig, corda_config_of),
-                                           ("lora_ga_config", "lora_ga", LoraGAConfig, loraga_config_of)):
-        value = convert(getattr(config, field_name), func)
+    for field_name, name, cls in (("eva_config", "eva", EvaConfig), ("corda_config", "corda", CordaConfig),
+                                  ("lora_ga_config", "lora_ga", LoraGAConfig)):
+        value = sub_config(getattr(config, field_name), cls, field_name, func)
         chosen = isinstance(init, str) and init == name
         if chosen and value is None and name == "lora_ga":   # PEFT has no default LoRA-GA config either
             raise ValueError(f"{func}: init_lora_weights='lora_ga' needs lora_ga_config=lorac.LoraGAConfig(...)")
