@@ -18,7 +18,7 @@ from .config import blas_info, get_num_threads, set_num_threads, show_config
 from .module import IncompatibleKeys, Module, Parameter, StateDictKeyError
 from .containers import ModuleDict, ModuleList, Sequential
 from .layers import (GELU, DoRAEmbedding, DoRALinear, Dropout, Embedding, LayerNorm, Linear, LoRALayer, MergedLinear,
-                     MoLoRALinear, ReLU, Tanh)
+                     MoLoRALinear, ReLU, Tanh, TrainableTokensEmbedding)
 from .losses import CrossEntropyLoss, MSELoss
 from . import functional, nn, optim
 from .utils import (count_parameters, get_nb_trainable_parameters, lora_state_dict, mark_only_lora_as_trainable,
@@ -28,6 +28,7 @@ from .checkpoint import load, save
 from .peft import (CordaConfig, EvaConfig, LoraConfig, LoraGAConfig, get_eva_state_dict, get_peft_model,
                    initialize_lora_eva_weights, inject_lora, load_peft_adapter, preprocess_corda, preprocess_loraga,
                    save_peft_adapter)
+from .peft.tokens import add_trainable_tokens
 # many adapters on one base
 from .adapters import (add_adapter, add_weighted_adapter, adapter_names, delete_adapter, disable_adapters,
                        load_adapter, merge_adapter, merge_and_unload, save_adapter, set_adapter, unload,
@@ -42,6 +43,7 @@ __all__ = [
     "blas_info", "get_num_threads", "set_num_threads", "show_config",
     "Module", "Parameter", "IncompatibleKeys", "StateDictKeyError", "Sequential", "ModuleList", "ModuleDict",
     "LoRALayer", "Linear", "DoRALinear", "Embedding", "DoRAEmbedding", "MergedLinear", "MoLoRALinear",
+    "TrainableTokensEmbedding", "add_trainable_tokens",
     "ReLU", "GELU", "Tanh", "Dropout", "LayerNorm", "CrossEntropyLoss", "MSELoss",
     "functional", "nn", "optim",
     "mark_only_lora_as_trainable", "lora_state_dict", "count_parameters", "get_nb_trainable_parameters",

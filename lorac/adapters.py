@@ -40,6 +40,7 @@ from .layers.adapters import BASE, DEFAULT, AdapterConfig, check_new_name, mixed
 from .layers._lora_init import BASE_CHANGING, check_init
 from .layers._threading import forget_thread_state
 from .layers.base import LoRALayer
+from .layers.tokens import TrainableTokensEmbedding
 from .module import IncompatibleKeys, Module, StateDictKeyError
 from .utils import lora_state_dict
 
@@ -181,11 +182,17 @@ def delete_adapter(model, name):
 @contextmanager
 def disable_adapters(model):
     """Context manager: every LoRA layer computes its base output (see
-    ``Linear.disable_adapters`` for merged layers)."""
+    ``Linear.disable_adapters`` for merged layers), and trainable token rows
+    give way to the base rows."""
     with ExitStack() as stack:
-        for _, layer in adapter_layers(model):
+        for _, layer in adapter_layers(model) + token_layers(model):
             stack.enter_context(layer.disable_adapters())
         yield model
+
+
+def token_layers(model):
+    """[(path, layer)] of the model's trainable-token layers (layers/tokens.py)."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, TrainableTokensEmbedding)]
 
 
 # -- merging ------------------------------------------------------------------------
@@ -216,13 +223,21 @@ def merge_and_unload(model, safe_merge=False, names=None, *, adapter_names=None,
 
     safe_merge: first compute every layer's merged weight on a copy and raise
     ValueError if any holds NaN or inf, before any base weight is touched.
-    MoLoRALinear layers (input-dependent gates: nothing to merge) stay as they are."""
+    MoLoRALinear layers (input-dependent gates: nothing to merge) stay as they are.
+    Trainable token rows are written into their embedding (safe_merge checks them too), which
+    becomes a plain lorac.Embedding."""
     layers, plans = _merge_plans(model, names, adapter_names, safe_merge, "merge_and_unload")
+    tokens = token_layers(model)
+    if safe_merge:
+        for path, layer in tokens:
+            if not np.isfinite(layer.trainable_tokens_delta.data).all():
+                raise ValueError(f"merge_and_unload(safe_merge=True): the trainable token rows of {path!r} hold "
+                                 "NaN or inf; no weight was changed")
     from tqdm import tqdm
     for _, layer, todo in tqdm(plans, desc="Unloading and merging model", disable=not progressbar):
         if todo:
             layer.merge(todo)
-    return _replace_by_plain(model, layers)
+    return _replace_tokens(_replace_by_plain(model, layers), tokens, merge=True)
 
 
 def _merge_plans(model, names, adapter_names, safe_merge, func):
@@ -269,7 +284,20 @@ def unload(model):
             raise RuntimeError(f"unload: layer {path!r} is inside disable_adapters()")
     for _, layer in layers:
         layer.unmerge()
-    return _replace_by_plain(model, layers)
+    return _replace_tokens(_replace_by_plain(model, layers), token_layers(model), merge=False)
+
+
+def _replace_tokens(root, tokens, merge):
+    """Each trainable-token layer of ``tokens`` replaced by its plain Embedding (rows written in when
+    ``merge``); returns the root (the new layer when it was one)."""
+    for path, layer in tokens:
+        plain = layer.plain(merge)
+        if not path:
+            return plain
+        modules = dict(root.named_modules())
+        parent_path, _, child = path.rpartition(".")
+        modules[parent_path].add_module(child, plain)
+    return root
 
 
 def _replace_by_plain(model, layers):
@@ -691,6 +719,10 @@ def _adapter_file(path):
         g_rslora = _parse_bool(meta["use_rslora"], "use_rslora", path) if "use_rslora" in meta else None
         return checkpoint.load(path), _layer_records(meta, path), g_alpha, g_rslora
     adapter, _ = read_peft_folder(path)
+    if adapter.tokens:
+        raise ValueError(f"load_adapter: {path}: the folder also trains token rows of {sorted(adapter.tokens)} "
+                         "(trainable_token_indices), which a named adapter cannot hold; load it with "
+                         "lorac.load_peft_adapter")
     if adapter.extra:
         raise ValueError(f"load_adapter: {path}: the folder also holds {next(iter(adapter.extra))!r} (bias / "
                          "modules_to_save), which a named adapter cannot hold; load it with "

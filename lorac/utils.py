@@ -9,6 +9,12 @@ from .layers.base import LoRALayer
 _BIAS_MODES = ("none", "all", "lora_only")
 
 
+def is_adapter_key(name):
+    """Whether a parameter / state-dict key belongs to an adapter: a "lora_" one, or PEFT's trainable
+    token rows (``trainable_tokens_delta``, layers/tokens.py)."""
+    return "lora_" in name or name.endswith("trainable_tokens_delta")
+
+
 def _check_bias_mode(bias):
     if bias not in _BIAS_MODES:
         raise ValueError(f"bias must be one of {_BIAS_MODES}, got {bias!r}")
@@ -20,6 +26,8 @@ def mark_only_lora_as_trainable(model, bias="none"):
     bias: "none" (biases frozen), "all" (every parameter named "...bias"
     trains) or "lora_only" (only biases of layers with an adapter, r > 0, train).  Unlike
     loralib, "lora_" parameters are (re)enabled here, not just left as they were.
+    Trainable token rows (``trainable_tokens_delta``) count as adapter parameters; MiCA's lora_B
+    stays frozen.
     """
     _check_bias_mode(bias)
     frozen = set()   # adapter parameters that never train (MiCA's lora_B)
@@ -27,7 +35,7 @@ def mark_only_lora_as_trainable(model, bias="none"):
         if isinstance(module, LoRALayer):
             frozen |= module.frozen_adapter_parameters()
     for name, param in model.named_parameters():
-        param.requires_grad = "lora_" in name and id(param) not in frozen
+        param.requires_grad = is_adapter_key(name) and id(param) not in frozen
     if bias == "all":
         for name, param in model.named_parameters():
             if "bias" in name:
@@ -54,18 +62,20 @@ def lora_state_dict(model, bias="none", adapter=None):
     the layers holding it -- a loralib-compatible file that
     ``lorac.load_adapter`` can load into any named adapter.  A DoRA layer's
     adapter ("default") also gives ``<layer>.lora_magnitude_vector``, and
-    one with PEFT's lora_bias ``<layer>.lora_bias``."""
+    one with PEFT's lora_bias ``<layer>.lora_bias``.  Trainable token rows
+    (``<layer>.trainable_tokens_delta``) are part of the whole-model dict
+    (adapter=None), not of a named adapter's."""
     _check_bias_mode(bias)
     if adapter is not None:
         return _one_adapter_state_dict(model, bias, adapter)
     state = model.state_dict()
     if bias == "none":
-        return OrderedDict((k, v) for k, v in state.items() if "lora_" in k)
+        return OrderedDict((k, v) for k, v in state.items() if is_adapter_key(k))
     if bias == "all":
-        return OrderedDict((k, v) for k, v in state.items() if "lora_" in k or "bias" in k)
+        return OrderedDict((k, v) for k, v in state.items() if is_adapter_key(k) or "bias" in k)
     out = OrderedDict()
     for key, value in state.items():
-        if "lora_" in key:
+        if is_adapter_key(key):
             out[key] = value
             bias_key = key.split("lora_")[0] + "bias"
             if bias_key in state:

@@ -742,6 +742,29 @@ def check_eva_bad_input():
     assert model[0].r == 2 and all(np.array_equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def check_peft_bad_trainable_tokens(tmp):
+    folder = _peft_folder(tmp)
+    weights, config_path = (os.path.join(folder, n) for n in ("adapter_model.safetensors", "adapter_config.json"))
+    tensors, good = lorac.load(weights), json.load(open(config_path))
+    key = "base_model.model.1.token_adapter.trainable_tokens_delta"
+    for value, config, match in ((np.zeros((2, 3), np.float32), good, "sets no trainable_token_indices"),
+                                 (np.zeros((3, 3), np.float32), dict(good, trainable_token_indices={"1": [0, 1]}),
+                                  "must be a float array of 2 rows"),
+                                 (np.zeros((2, 3), np.int32), dict(good, trainable_token_indices={"1": [0, 1]}),
+                                  "must be a float array"),
+                                 (np.zeros((2, 3), np.float32), dict(good, trainable_token_indices={"0": [0, 1]}),
+                                  "no trainable_token_indices entry names the layer '1'"),
+                                 (np.zeros((2, 3), np.float32), dict(good, trainable_token_indices="all"),
+                                  "trainable_token_indices must be a list")):
+        lorac.save({**tensors, key: value}, weights, metadata={"format": "pt"})
+        with open(config_path, "w") as fh:
+            json.dump(config, fh)
+        _load_refused(folder, ValueError, match)
+    with open(config_path, "w") as fh:       # the target is a Linear, not an Embedding
+        json.dump(dict(good, trainable_token_indices={"1": [0, 1]}), fh)
+    _load_refused(folder, ValueError, "trainable tokens go on a plain lorac.Embedding")
+
+
 def check_corda_bad_files(tmp):
     config = lorac.LoraConfig(r=2, target_modules=["0"], init_lora_weights="corda",
                               corda_config=lorac.CordaConfig(cache_file=os.path.join(tmp, "cache")))
@@ -884,6 +907,11 @@ ROWS = [
         "with use_dora or a gaussian init; a target layer without a bias",
         "PeftFolderError / AdapterMismatchError (ValueErrors) naming the key or layer; model unchanged",
         check_peft_bad_lora_bias),
+    Row("loaders", "PEFT trainable tokens: token_adapter.trainable_tokens_delta without trainable_token_indices, "
+        "of the wrong shape or dtype, or for a layer the config does not name; a malformed "
+        "trainable_token_indices; a target that is not a plain Embedding",
+        "PeftFolderError / PeftConfigError / AdapterMismatchError (ValueErrors) naming the key, field or layer; "
+        "model unchanged", check_peft_bad_trainable_tokens),
     Row("loaders", "adapter shapes that do not fit the model", "AdapterMismatchError (a ValueError); model "
         "unchanged", check_peft_mismatch),
     Row("loaders", "corrupt adapter_model.safetensors", "CheckpointError (a ValueError); model unchanged",

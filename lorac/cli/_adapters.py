@@ -66,10 +66,15 @@ def read_adapter(path, args):
     return adapter, "file"
 
 
-def require_plain(adapter, path, what):
-    """CommandError if the adapter holds loralib MergedLinear layers (``what``: the action)."""
+def require_plain(adapter, path, what, tokens_ok=False):
+    """CommandError if the adapter holds loralib MergedLinear layers (``what``: the action), or, unless
+    ``tokens_ok``, PEFT trainable tokens."""
     for name, description in adapter.fused.items():
         raise CommandError(f"{path}: layer {name!r} is {description}; {what} handles plain LoRA layers only")
+    if adapter.tokens and not tokens_ok:
+        raise CommandError(f"{path}: the adapter also trains token rows of {sorted(adapter.tokens)} "
+                           f"(trainable_token_indices), which {what} does not carry; load it with "
+                           "lorac.load_peft_adapter, or lorac merge it into a base checkpoint")
 
 
 def require_alpha(adapter, path):

@@ -62,7 +62,7 @@ def run(args):
     if kind == "peft":
         if os.path.isfile(args.output):
             raise CommandError(f"{args.output}: is a file; a PEFT adapter is written as a folder")
-        require_plain(adapter, args.input, "a PEFT adapter")
+        require_plain(adapter, args.input, "a PEFT adapter", tokens_ok=True)
         if not adapter.layers:
             raise CommandError(f"{args.input}: no LoRA tensors to write as a PEFT adapter")
         require_alpha(adapter, args.input)
@@ -74,6 +74,10 @@ def run(args):
         print(f"wrote PEFT adapter {args.output} ({len(adapter.layers)} LoRA layers)")
         return 0
 
+    if adapter.tokens:   # a lorac file records no token ids: they would be lost
+        raise CommandError(f"{args.input}: the adapter also trains token rows of {sorted(adapter.tokens)} "
+                           "(trainable_token_indices), which a lorac file cannot record; convert to a PEFT "
+                           "folder, or load it with lorac.load_peft_adapter")
     if source_kind == "peft":
         state = adapter.lorac_state_dict()
         metadata = adapter.metadata() if adapter.layers else {}

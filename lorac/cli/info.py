@@ -168,7 +168,8 @@ def run(args):
     print(f"{title}, {len(rows)} tensors")
     if config is not None:
         wanted = ("peft_type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out", "target_modules",
-                  "rank_pattern", "alpha_pattern", "bias", "modules_to_save", "base_model_name_or_path")
+                  "rank_pattern", "alpha_pattern", "bias", "modules_to_save", "trainable_token_indices",
+                  "base_model_name_or_path")
         shown = {k: config[k] for k in wanted if isinstance(config, dict) and config.get(k) not in (None, {}, [])}
         print("config: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in shown.items()))
     for key, value in sorted(metadata.items()):

@@ -102,8 +102,8 @@ def run(args):
     if out in (os.path.abspath(args.base), os.path.abspath(args.adapter)):
         raise CommandError("OUT must differ from BASE and ADAPTER")
     adapter, _ = read_adapter(args.adapter, args)
-    require_plain(adapter, args.adapter, "lorac merge")
-    if not adapter.layers:
+    require_plain(adapter, args.adapter, "lorac merge", tokens_ok=True)
+    if not adapter.layers and not adapter.tokens:
         raise CommandError(f"{args.adapter}: no LoRA tensors to merge")
     require_alpha(adapter, args.adapter)
     base = checkpoint.load(args.base)
@@ -138,6 +138,15 @@ def run(args):
                                "the adapter are stored (in, out); say which with --fan-in-fan-out or "
                                "--no-fan-in-fan-out")
         work = [(k, w, layer, bool(t)) for k, w, layer, t in work]   # torch's (out, in)
+    for path, (ids, rows) in adapter.tokens.items():   # trainable tokens: rows of the embedding's weight
+        key = lorac_key(path, "weight")
+        table = base.get(key)
+        if table is None or table.ndim != 2 or table.dtype.kind != "f" or table.shape[1] != rows.shape[1] \
+                or ids.max() >= table.shape[0]:
+            raise CommandError(f"{args.base}: the adapter's trainable tokens of {path!r} ({len(ids)} rows of "
+                               f"{rows.shape[1]} values, ids up to {int(ids.max())}) need {key!r} as a float "
+                               f"(num, {rows.shape[1]}) table, found "
+                               f"{'none' if table is None else f'shape {tuple(table.shape)} dtype {table.dtype}'}")
     for key, value in adapter.extra.items():
         if key not in base:
             raise CommandError(f"{args.adapter}: tensor {key!r} has no counterpart in {args.base}")
@@ -147,6 +156,9 @@ def run(args):
 
     for key, value in adapter.extra.items():
         base[key] = value.astype(base[key].dtype, copy=True)
+    for path, (ids, rows) in adapter.tokens.items():
+        table = base[lorac_key(path, "weight")]
+        table[ids] = rows.astype(table.dtype)
     total = sum(w.nbytes for _, w, _, _ in work)
     from tqdm import tqdm
 

@@ -9,7 +9,8 @@ from .merged_linear import MergedLinear
 from .activations import GELU, Dropout, ReLU, Tanh
 from .layernorm import LayerNorm
 from .molora import MoLoRALinear
+from .tokens import TrainableTokensEmbedding
 
 __all__ = ["LoRALayer", "Linear", "DoRALinear", "Embedding", "DoRAEmbedding", "MergedLinear",
            "ReLU", "GELU", "Tanh", "Dropout", "LayerNorm",
-           "MoLoRALinear"]
+           "MoLoRALinear", "TrainableTokensEmbedding"]

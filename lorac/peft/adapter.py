@@ -121,6 +121,7 @@ class Adapter:
     fused: dict = field(default_factory=dict)  # path -> description of a MergedLinear adapter (kept in extra)
     lora_dropout: float = 0.0
     base_model_name_or_path: str = None
+    tokens: dict = field(default_factory=dict)  # path -> (token ids (k,), rows (k, dim)): trainable tokens
 
     def lorac_state_dict(self):
         """lorac / loralib keys -> arrays (``<path>.lora_A``, ``<path>.lora_B``, extras)."""

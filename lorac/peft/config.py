@@ -13,11 +13,12 @@ Reading (``parse_config``) follows PEFT's LoraConfig field by field:
   ``lorac.DoRAEmbedding``.
 - ``lora_bias``: a bias on lora_B; its Linear layers load with
   ``lora_bias=True``.
+- ``trainable_token_indices``: a list of token ids (for "embed_tokens") or
+  ``{layer name: ids}``; the layers load as TrainableTokensEmbedding.
 - Refused with PeftConfigError naming the field:
   ``use_qalora``, ``alora_invocation_tokens``, ``use_bdlora``,
   ``arrow_config``, ``kasa_config``, ``monteclora_config``,
-  ``layer_replication``, ``target_parameters``, ``trainable_token_indices``,
-  ``megatron_config``, the old ``enable_lora`` (fused layers), and
+  ``layer_replication``, ``target_parameters``, ``megatron_config``, the old ``enable_lora`` (fused layers), and
   ``init_lora_weights`` values that change the base model's weights (pissa*,
   olora, corda, loftq, lora_ga) or that lorac does not know.
 - ``init_lora_weights="mica"`` (MiCA) leaves the base weights alone: its
@@ -66,7 +67,6 @@ REFUSED_FIELDS = {
     "monteclora_config": "MonteCLoRA sampling",
     "layer_replication": "layer replication (changes the model's structure)",
     "target_parameters": "LoRA on bare parameters",
-    "trainable_token_indices": "trainable tokens",
     "megatron_config": "Megatron tensor-parallel layers",
     "enable_lora": "fused (merged) LoRA layers from old PEFT",
 }
@@ -101,6 +101,20 @@ def _real(value, name, source, positive=False, integer=False):
     return int(value) if integer else float(value)
 
 
+def _token_indices(value, source):
+    """trainable_token_indices as {layer name: [ids]} (None when not set)."""
+    if value is None or value == [] or value == {}:
+        return None
+    spec = {"embed_tokens": value} if isinstance(value, list) else value
+    if not isinstance(spec, dict) or not all(
+            isinstance(name, str) and name and isinstance(ids, list) and ids
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+            for name, ids in spec.items()):
+        raise PeftConfigError(f"{source}: trainable_token_indices must be a list of token ids or a dict "
+                              f"{{layer name: [ids]}}, got {value!r}")
+    return {name: list(ids) for name, ids in spec.items()}
+
+
 def _flag(raw, name, source):
     value = raw.get(name, False)
     if value is None:
@@ -122,6 +136,7 @@ class PeftAdapterConfig:
     use_dora: bool = False
     lora_bias: bool = False
     mica: bool = False       # init_lora_weights "mica": lora_B stays frozen
+    trainable_token_indices: dict = None   # {layer name: [ids]} (a list means {"embed_tokens": list})
     bias: str = "none"
     modules_to_save: list = field(default_factory=list)
     base_model_name_or_path: str = None
@@ -189,6 +204,7 @@ def parse_config(raw, source):
         use_dora=_flag(raw, "use_dora", source),
         lora_bias=_flag(raw, "lora_bias", source),
         mica=isinstance(init, str) and init == "mica",
+        trainable_token_indices=_token_indices(raw.get("trainable_token_indices"), source),
         bias=bias,
         modules_to_save=list(modules_to_save),
         base_model_name_or_path=base if isinstance(base, str) else None,
@@ -232,7 +248,7 @@ def _number(value):
 
 
 def build_config(layers, base_model_name_or_path=None, lora_dropout=0.0, bias="none", modules_to_save=None,
-                 use_dora=False, lora_bias=False, mica=False):
+                 use_dora=False, lora_bias=False, mica=False, trainable_token_indices=None):
     """adapter_config.json content (a dict) for ``layers``: {path: LayerAdapter};
     ``bias`` and ``modules_to_save`` say which other tensors the folder holds.
 
@@ -273,4 +289,5 @@ def build_config(layers, base_model_name_or_path=None, lora_dropout=0.0, bias="n
         "inference_mode": True,
         "use_dora": bool(use_dora),
         "lora_bias": bool(lora_bias),
+        "trainable_token_indices": trainable_token_indices or None,
     }

@@ -29,7 +29,7 @@ from .. import checkpoint
 from ..checkpoint.atomic import atomic_write
 from .adapter import Adapter, AdapterError, LayerAdapter
 from .config import CONFIG_NAME, build_config, parse_config
-from .keys import UnsupportedKeyError, lorac_key, parse_key, peft_key, peft_magnitude_key
+from .keys import UnsupportedKeyError, lorac_key, parse_key, peft_key, peft_magnitude_key, peft_tokens_key
 
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 LAYOUT_KEY = "lorac_fan_in_fan_out"   # weights-file metadata: {layer path: fan_in_fan_out} (module docstring)
@@ -94,7 +94,8 @@ def read_peft_folder(path, adapter_name=None):
     names = ("default",) if adapter_name in (None, "default") else ("default", adapter_name)
 
     halves, extra, extra_source = {}, {}, {}
-    vectors = {"dora": {}, "lora_bias": {}}   # kind -> {path: (key, value)}: magnitudes, lora_biases
+    vectors = {"dora": {}, "lora_bias": {}, "tokens": {}}   # kind -> {path: (key, value)}: magnitudes,
+    #                                                         lora_biases, trainable token rows
     for key, value in state.items():
         try:
             parsed = parse_key(key, names)
@@ -108,7 +109,7 @@ def read_peft_folder(path, adapter_name=None):
         if parsed.kind in vectors:   # one (out,) vector per layer
             found = vectors[parsed.kind]
             if parsed.path in found:
-                what = "DoRA magnitude" if parsed.kind == "dora" else "lora_bias"
+                what = {"dora": "DoRA magnitude", "lora_bias": "lora_bias", "tokens": "trainable tokens"}[parsed.kind]
                 raise PeftFolderError(f"{source}: {key!r} and {found[parsed.path][0]!r} both give the "
                                       f"{what} of {parsed.path!r}")
             found[parsed.path] = (key, value)
@@ -155,6 +156,7 @@ def read_peft_folder(path, adapter_name=None):
     _apply_layouts(adapter, checkpoint.read_metadata(source).get(LAYOUT_KEY), source)
     _attach_magnitudes(adapter, vectors["dora"], config, source)
     _attach_lora_biases(adapter, vectors["lora_bias"], config, source)
+    adapter.tokens = _token_rows(vectors["tokens"], config, source)
     return adapter, config
 
 
@@ -201,6 +203,28 @@ def _attach_lora_biases(adapter, lora_biases, config, source):
                                   "lora_bias is for Linear layers only")
     _attach_vectors(adapter, lora_biases, config.lora_bias, "lora_bias", "a lora_bias (lora_B.bias)",
                     "attach_lora_bias", source)
+
+
+def _token_rows(found, config, source):
+    """{path: (token ids (k,), rows (k, dim))} of the file's trainable tokens, each matched to its
+    config entry (a layer name the path is or ends with) and checked."""
+    spec = config.trainable_token_indices or {}
+    if found and not spec:
+        key = next(iter(found.values()))[0]
+        raise PeftFolderError(f"{source}: {key!r} holds trainable tokens but adapter_config.json sets no "
+                              "trainable_token_indices")
+    out = {}
+    for path, (key, value) in found.items():
+        names = [name for name in spec if path == name or path.endswith("." + name)]
+        if not names:
+            raise PeftFolderError(f"{source}: {key!r}: no trainable_token_indices entry names the layer {path!r} "
+                                  f"(the config names {sorted(spec)})")
+        ids = np.asarray(spec[names[0]], dtype=np.intp)
+        if value.ndim != 2 or value.shape[0] != len(ids) or value.dtype.kind != "f":
+            raise PeftFolderError(f"{source}: {key!r} must be a float array of {len(ids)} rows (the config's "
+                                  f"token ids for {path!r}), got shape {value.shape} dtype {value.dtype}")
+        out[path] = (ids, value)
+    return out
 
 
 def _attach_vectors(adapter, found, allowed, field, what, method, source):
@@ -252,8 +276,11 @@ def write_peft_folder(adapter, path, base_model_name_or_path=None, bias="none", 
                            "PEFT adapter: its adapter_config.json has one init_lora_weights; save them separately")
     config = build_config(layers, base_model_name_or_path or adapter.base_model_name_or_path,
                           adapter.lora_dropout, bias, modules_to_save, use_dora=bool(dora), lora_bias=bool(biased),
-                          mica=bool(mica))
+                          mica=bool(mica),
+                          trainable_token_indices={p: ids.tolist() for p, (ids, _) in adapter.tokens.items()})
     tensors = dict(peft_tensors or {})
+    for path_, (_, rows) in adapter.tokens.items():
+        tensors[peft_tokens_key(path_)] = rows
     for path_ in dora:
         tensors[peft_magnitude_key(path_)] = layers[path_].magnitude
     for path_, layer in layers.items():   # one lora_bias for all: a layer without one gets zeros (the same output)

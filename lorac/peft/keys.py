@@ -25,7 +25,11 @@ with ``.weight`` or ``.<name>[.weight]`` after it), maps to
 ``<path>.lora_magnitude_vector`` with kind "dora".  PEFT's ``lora_bias``,
 ``base_model.model.<path>.lora_B[.<name>].bias`` (out,), maps to
 ``<path>.lora_bias`` with kind "lora_bias".  ``lora_A.bias``, which PEFT
-never writes, is refused by ``parse_key``.
+never writes, is refused by ``parse_key``.  Trainable tokens,
+``base_model.model.<path>.token_adapter.trainable_tokens_delta`` (k, dim)
+(also with ``.<name>`` after it), map to ``<path>.trainable_tokens_delta``
+with kind "tokens"; the wrapper's other tensors (``token_indices``,
+``trainable_tokens_original``) are ignored.
 """
 
 from collections import namedtuple
@@ -67,6 +71,16 @@ def parse_key(key, adapter_names=("default",)):
         if at == 0 or rest not in ([], ["weight"]):
             return None
         return ParsedKey(_join(tokens[:at]), "lora_magnitude_vector", "dora", False)
+    if "token_adapter" in tokens:
+        at = tokens.index("token_adapter")
+        rest = tokens[at + 1:]
+        if at == 0 or not rest:
+            return None
+        if rest[0] != "trainable_tokens_delta":
+            return ParsedKey(_join(tokens[:at]), rest[0], None, True)
+        if rest[1:] not in ([],) and not (len(rest) == 2 and rest[1] in adapter_names):
+            return None
+        return ParsedKey(_join(tokens[:at]), "trainable_tokens_delta", "tokens", False)
     if "original_module" in tokens:
         return ParsedKey(_join(tokens[:tokens.index("original_module")]), tokens[-1], None, True)
 
@@ -124,6 +138,11 @@ def peft_key(path, param, kind):
 def peft_magnitude_key(path):
     """The key PEFT's save_pretrained writes for a DoRA layer's magnitude vector."""
     return f"{PREFIX}{path}.lora_magnitude_vector"
+
+
+def peft_tokens_key(path):
+    """The key PEFT's save_pretrained writes for a layer's trainable token rows."""
+    return f"{PREFIX}{path}.token_adapter.trainable_tokens_delta"
 
 
 def peft_module_key(path, param):

@@ -2,10 +2,12 @@
 
 from ..layers._lora_init import check_init
 from ..layers.adapters import DEFAULT
+from ..layers.embedding import Embedding
+from ..layers.tokens import DELTA, TrainableTokensEmbedding
 from ..module import IncompatibleKeys, Module, StateDictKeyError, _checked_value
 from .folder import read_peft_folder
-from .keys import lorac_key
-from .targets import build_layer, describe, layer_dims, layer_kind, swap_layer
+from .keys import lorac_key, peft_tokens_key
+from .targets import build_layer, describe, layer_dims, layer_kind, parent_of, swap_layer
 
 
 class AdapterMismatchError(ValueError):
@@ -80,7 +82,7 @@ def load_peft_adapter(model, path, adapter_name=None, strict=True):
                 raise AdapterMismatchError(f"size mismatch for {key!r} (module {mpath!r}): expected shape "
                                            f"{expected}, found shape {tuple(arr.shape)}")
         plans.append((mpath, module, layer))
-
+    token_plans = _token_plans(adapter.tokens, modules, unexpected)
     extras = {}  # module path -> {param name: value}; applied to the final module objects
     for key, value in adapter.extra.items():
         mpath, _, name = key.rpartition(".")
@@ -95,6 +97,8 @@ def load_peft_adapter(model, path, adapter_name=None, strict=True):
     missing = [lorac_key(p, name) for p, m in modules.items()
                if layer_kind(m) is not None and m.r > 0 and p not in covered
                for name in ("lora_A", "lora_B")]
+    missing += [lorac_key(p, DELTA) for p, m in modules.items()
+                if isinstance(m, TrainableTokensEmbedding) and p not in adapter.tokens]
     if strict and (missing or unexpected):
         parts = []
         if missing:
@@ -115,8 +119,35 @@ def load_peft_adapter(model, path, adapter_name=None, strict=True):
                    lora_bias=layer.lora_bias)
         if layer.frozen_b:   # MiCA: lora_B stays frozen, as PEFT trains it
             new._follow_init(DEFAULT, check_init("mica"))
+    for mpath, module, ids, rows in token_plans:
+        base = module.plain(merge=False) if isinstance(module, TrainableTokensEmbedding) else module
+        new = TrainableTokensEmbedding.from_embedding(base, ids, rows)
+        new.train(module.training)
+        parent, child = parent_of(modules, mpath)
+        parent.add_module(child, new)
         modules[mpath] = new
     for mpath, values in extras.items():
         modules[mpath]._load_state_items(values)
     return IncompatibleKeys(missing, unexpected)
 
+
+def _token_plans(tokens, modules, unexpected):
+    """[(path, module, ids, rows)] of the file's trainable tokens, each checked against its module (a
+    plain lorac.Embedding, or one with trainable tokens already); keys for missing modules go to
+    ``unexpected``."""
+    plans = []
+    for path, (ids, rows) in tokens.items():
+        module = modules.get(path) if path else None
+        if module is None:
+            unexpected.append(peft_tokens_key(path))
+            continue
+        if type(module) not in (Embedding, TrainableTokensEmbedding) or module.r > 0:
+            raise AdapterMismatchError(f"{peft_tokens_key(path)!r}: trainable tokens go on a plain lorac.Embedding; "
+                                       f"the module at {path!r} is a {describe(module)}")
+        if rows.shape != (len(ids), module.embedding_dim) or ids.max() >= module.num_embeddings:
+            raise AdapterMismatchError(f"size mismatch for {peft_tokens_key(path)!r} (module {path!r}): "
+                                       f"{len(ids)} token rows of {module.embedding_dim} values with ids below "
+                                       f"{module.num_embeddings} expected, found shape {rows.shape} and largest id "
+                                       f"{int(ids.max())}")
+        plans.append((path, module, ids, rows))
+    return plans

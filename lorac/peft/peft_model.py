@@ -22,6 +22,9 @@ The data-driven inits take their sub-configs as PEFT's: "eva" (eva_config;
 lora_A kaiming and lora_B zero until lorac.initialize_lora_eva_weights,
 eva.py), "corda" (corda_config; after lorac.preprocess_corda, corda.py) and
 "lora_ga" (lora_ga_config; after lorac.preprocess_loraga, loraga.py).
+``trainable_token_indices`` (a list for the layer "embed_tokens", or
+{layer name: ids}) makes those rows of plain Embedding layers trainable
+(lorac/peft/tokens.py), as PEFT's.
 Unlike PEFT, a module to save trains in place: PEFT trains a copy and
 keeps the original for ``disable_adapter()``, which lorac cannot give
 back (save the original state first if you need it).
@@ -31,12 +34,13 @@ import warnings
 from dataclasses import dataclass, field, replace
 
 from ..module import Module
-from ..utils import mark_only_lora_as_trainable
+from ..utils import is_adapter_key, mark_only_lora_as_trainable
 from ._prepared import start_from
 from .corda import CordaConfig, corda_eigens, corda_factors
 from .eva import EvaConfig
 from .loraga import LoraGAConfig, loraga_factors, loraga_grads
 from .subconfig import sub_config
+from .tokens import add_trainable_tokens, token_plan
 from .inject import inject_lora
 from .save import BIAS_MODES, select_modules_to_save
 from .select import compile_selector, expand_all_linear
@@ -75,6 +79,7 @@ class LoraConfig:
     eva_config: object = None
     corda_config: object = None
     lora_ga_config: object = None
+    trainable_token_indices: object = None
 
 
 def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
@@ -98,6 +103,7 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
     if config.bias not in BIAS_MODES:
         raise ValueError(f"{func}: LoraConfig.bias must be one of {BIAS_MODES}, got {config.bias!r}")
     saved = _modules_to_save(model, config, func)
+    tokens = _token_plan(model, config, saved, func)
     init = config.init_lora_weights
     gaussian = isinstance(init, str) and init == "gaussian"
     config = _with_sub_configs(config, func)
@@ -127,10 +133,12 @@ def get_peft_model(model, peft_config, adapter_name=DEFAULT, rng=None):
             start_from(layer, *corda_factors(layer, data))
         else:
             start_from(layer, *loraga_factors(layer, data, config.lora_ga_config, layer.rng))
+    if tokens:
+        add_trainable_tokens(model, {path: indices for path, _, indices in tokens}, func)
     mark_only_lora_as_trainable(model, config.bias)
     if config.inference_mode:   # PEFT's: adapters and modules to save frozen, its bias rule kept
         for name, param in model.named_parameters():
-            if "lora_" in name:
+            if is_adapter_key(name):
                 param.requires_grad = False
     else:
         for module in saved:
@@ -172,16 +180,33 @@ def _with_sub_configs(config, func):
     return replace(config, **changes) if changes else config
 
 
-def _modules_to_save(model, config, func):
-    """The modules config.modules_to_save selects, checked not to be or hold a layer the
-    config adapts (PEFT saves a module one way or the other)."""
-    if config.modules_to_save is None:
-        return []
+def _adapted_paths(model, config, func):
+    """The module paths the config's target fields select."""
     modules = dict(model.named_modules())
     linear = [p for p, m in modules.items() if p and layer_kind(m) == "linear"]
     targets = expand_all_linear(config.target_modules, linear, func, config.layers_to_transform,
                                 config.layers_pattern)
     selected = compile_selector(targets, config.exclude_modules, config.layers_to_transform, config.layers_pattern)
-    adapted = [p for p in modules if p and selected(p)]
-    return list(select_modules_to_save(model, config.modules_to_save, adapted, func, "LoraConfig.modules_to_save",
-                                       "a target of the adapter").values())
+    return [p for p in modules if p and selected(p)]
+
+
+def _modules_to_save(model, config, func):
+    """The modules config.modules_to_save selects, checked not to be or hold a layer the
+    config adapts (PEFT saves a module one way or the other)."""
+    if config.modules_to_save is None:
+        return []
+    return list(select_modules_to_save(model, config.modules_to_save, _adapted_paths(model, config, func), func,
+                                       "LoraConfig.modules_to_save", "a target of the adapter").values())
+
+
+def _token_plan(model, config, saved, func):
+    """add_trainable_tokens' plan for config.trainable_token_indices ([] without), checked against the
+    LoRA targets and the modules to save (PEFT refuses both overlaps)."""
+    if config.trainable_token_indices is None:
+        return []
+    plan = token_plan(model, config.trainable_token_indices, func, adapted=set(_adapted_paths(model, config, func)))
+    for path, layer, _ in plan:
+        if any(layer is m or any(layer is sub for sub in m.modules()) for m in saved):
+            raise ValueError(f"{func}: {path!r} is in modules_to_save (trained whole) and has trainable tokens; "
+                             "give it one or the other (as PEFT)")
+    return plan

@@ -5,6 +5,7 @@ from collections import Counter
 
 import numpy as np
 
+from ..layers.tokens import TrainableTokensEmbedding
 from ..module import Module
 from .adapter import Adapter, LayerAdapter
 from .folder import write_peft_folder
@@ -48,6 +49,9 @@ def adapter_from_model(model, adapter_name="default"):
             dropouts.append(config.lora_dropout)
     if dropouts:
         adapter.lora_dropout = Counter(dropouts).most_common(1)[0][0]
+    if adapter_name == "default":   # trainable tokens go with the default adapter (PEFT's)
+        adapter.tokens = {path: (m.token_indices.copy(), m.trainable_tokens_delta.data.copy())
+                          for path, m in model.named_modules() if isinstance(m, TrainableTokensEmbedding)}
     return adapter
 
 

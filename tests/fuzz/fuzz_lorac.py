@@ -303,19 +303,24 @@ class LoaderTargets:
         self.folder = folder
         self.seeds = _seed_files(folder)
         self.model = lorac_model()
-        self.peft_seeds = [self._peft_seed("plain"), self._peft_seed("dora"), self._peft_seed("lora_bias")]
+        self.peft_seeds = [self._peft_seed(kind) for kind in ("plain", "dora", "lora_bias", "tokens")]
 
     def _peft_seed(self, kind):
         """The files of a PEFT folder: plain LoRA on layer 0, DoRA on both layers stored
-        both ways (a magnitude per layer and the weights file's layout metadata), or
-        LoRA with PEFT's lora_bias on layer 0."""
+        both ways (a magnitude per layer and the weights file's layout metadata),
+        LoRA with PEFT's lora_bias on layer 0, or trainable tokens of an Embedding
+        "0" beside LoRA on layer 1 (a seed whose layer kinds the fuzzed model lacks)."""
         import lorac
-        if kind == "dora":
+        if kind == "tokens":
+            model = lorac.Sequential(lorac.Embedding(6, 4), lorac.Linear(4, 3))
+            lorac.get_peft_model(model, lorac.LoraConfig(r=2, target_modules=["1"],
+                                                         trainable_token_indices={"0": [1, 4]}))
+        elif kind == "dora":
             model = lorac.Sequential(lorac.Linear(4, 3, fan_in_fan_out=True), lorac.Linear(3, 2))
             lorac.inject_lora(model, ["0", "1"], r=2, use_dora=True, fan_in_fan_out=None)
         else:
             model = lorac.Sequential(lorac.Linear(4, 3, r=2, lora_bias=kind == "lora_bias"), lorac.Linear(3, 2))
-        model[0].lora_B.data[...] = 0.5
+        model[1 if kind == "tokens" else 0].lora_B.data[...] = 0.5
         seed = os.path.join(self.folder, "peft_seed_" + kind)
         lorac.save_peft_adapter(model, seed)
         files = {}
@@ -344,7 +349,7 @@ class LoaderTargets:
                 config = json.loads(blob)
                 for _ in range(r.int(1, 3)):
                     key = r.choice(sorted(config) + ["r", "lora_alpha", "rank_pattern", "peft_type", "use_dora",
-                                                       "lora_bias"])
+                                                       "lora_bias", "trainable_token_indices"])
                     config[key] = random_json(r)
                 blob = json.dumps(config).encode()
             elif r.int(0, 2) == 0:

@@ -15,7 +15,7 @@ import lorac
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from test_fidelity_inject_peft import lorac_model, torch_model  # noqa: E402
+from test_fidelity_inject_peft import VOCAB, lorac_model, torch_model  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -122,6 +122,14 @@ def test_bad_configs_leave_the_model_unchanged():
         (dict(target_modules=["q_proj"], modules_to_save=["self_attn"]), ValueError, "holds a target"),
         (dict(target_modules=["q_proj"], modules_to_save=["nothing"]), ValueError, "matches no module"),
         (dict(target_modules=["nothing"]), ValueError, "matched no module"),
+        (dict(target_modules=["embed_tokens"], trainable_token_indices=[1]), TypeError,
+         "'model.embed_tokens' is a target of the LoRA config"),
+        (dict(target_modules=["q_proj"], trainable_token_indices={"q_proj": [1]}), TypeError,
+         "trainable tokens go on a plain lorac.Embedding"),
+        (dict(target_modules=["q_proj"], trainable_token_indices={"nothing": [1]}), ValueError, "matches no module"),
+        (dict(target_modules=["q_proj"], trainable_token_indices=[1, VOCAB]), ValueError, "outside"),
+        (dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"], trainable_token_indices=[1]), ValueError,
+         "is in modules_to_save"),
     ]:
         model = lorac_model()
         before = {k: v.copy() for k, v in model.state_dict().items()}
@@ -129,8 +137,6 @@ def test_bad_configs_leave_the_model_unchanged():
             lorac.get_peft_model(model, lorac.LoraConfig(**config))
         assert model.state_dict().keys() == before.keys() and "peft_config" not in model.__dict__
         assert all(p.requires_grad for p in model.parameters())
-    with pytest.raises(TypeError, match="unexpected keyword argument 'trainable_token_indices'"):
-        lorac.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 2])
     with pytest.raises(ValueError, match="adapter_name must be 'default'"):
         lorac.get_peft_model(lorac_model(), lorac.LoraConfig(target_modules=["q_proj"]), adapter_name="x")
     with pytest.raises(TypeError, match="peft_config must be a lorac.LoraConfig"):
