@@ -15,10 +15,11 @@ from ._lora_init import check_init
 from ._threading import locked
 
 
-
 def _refuse_mica(init, init_std, func):
+    """Check ``init``; MiCA's frozen lora_B is not a DoRA layer's."""
     if check_init(init, init_std, func).name == "mica":
         raise ValueError(f"{func}: init='mica' (MiCA: lora_B frozen) does not combine with DoRA")
+
 
 class DoRAMagnitude:
     """Mixin placed before a LoRA layer class (Linear, Embedding) in the bases.

@@ -39,7 +39,9 @@ def load_peft_adapter(model, path, adapter_name=None, strict=True):
     ``lorac.DoRAEmbedding`` holding the file's magnitude vectors; one with
     PEFT's lora_bias gives its Linear layers ``lora_bias`` (which needs the
     layer's bias: merging adds into it; a layer the file gives no lora_B.bias
-    gets zeros, as PEFT's init).
+    gets zeros, as PEFT's init).  Trainable tokens (the config's
+    ``trainable_token_indices``) make their plain lorac.Embedding layers
+    ``lorac.TrainableTokensEmbedding`` holding the file's rows.
 
     Everything -- config fields (other peft_types, QALoRA, ... are
     refused with an error naming them), keys, layer kinds, shapes and dtypes
@@ -119,6 +121,7 @@ def load_peft_adapter(model, path, adapter_name=None, strict=True):
                    lora_bias=layer.lora_bias)
         if layer.frozen_b:   # MiCA: lora_B stays frozen, as PEFT trains it
             new._follow_init(DEFAULT, check_init("mica"))
+        modules[mpath] = new
     for mpath, module, ids, rows in token_plans:
         base = module.plain(merge=False) if isinstance(module, TrainableTokensEmbedding) else module
         new = TrainableTokensEmbedding.from_embedding(base, ids, rows)
