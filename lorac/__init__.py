@@ -25,10 +25,9 @@ from .utils import (count_parameters, get_nb_trainable_parameters, lora_state_di
                     print_trainable_parameters)
 # checkpoints and PEFT
 from .checkpoint import load, save
-from .peft import (CordaConfig, EvaConfig, LoraConfig, LoraGAConfig, get_eva_state_dict, get_peft_model,
-                   initialize_lora_eva_weights, inject_lora, load_peft_adapter, preprocess_corda, preprocess_loraga,
-                   save_peft_adapter)
-from .peft.tokens import add_trainable_tokens
+from .peft import (CordaConfig, EvaConfig, LoraConfig, LoraGAConfig, add_trainable_tokens, get_eva_state_dict,
+                   get_peft_model, initialize_lora_eva_weights, inject_lora, load_peft_adapter, preprocess_corda,
+                   preprocess_loraga, save_peft_adapter)
 # many adapters on one base
 from .adapters import (add_adapter, add_weighted_adapter, adapter_names, delete_adapter, disable_adapters,
                        load_adapter, merge_adapter, merge_and_unload, save_adapter, set_adapter, unload,
