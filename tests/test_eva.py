@@ -241,6 +241,9 @@ def test_a_plain_model_with_a_config_and_the_model_mode_hooks_and_merges_come_ba
     config = lorac.LoraConfig(r=2, target_modules=["a"], init_lora_weights="eva", eva_config=lorac.EvaConfig())
     state = lorac.get_eva_state_dict(plain, batches, peft_config=config, **NO_MASK)
     assert list(state) == ["a"] and state["a"].shape == (2, H)     # one layer: the budget is its own r
+    every = lorac.get_eva_state_dict(plain, batches, peft_config=lorac.LoraConfig(r=2, target_modules="all-linear"),
+                                     **NO_MASK)
+    assert list(every) == ["a", "b"]      # PEFT's shorthand: every Linear layer
     model = eva_model(TwoInputs())
     model.eval()
     merged_weight = model.a.weight.data.copy()

@@ -56,7 +56,7 @@ from ..adapters import _plain_layer, disable_adapters
 from ..layers import DoRALinear, LoRALayer
 from ..layers.adapters import DEFAULT
 from ..module import Module
-from .select import compile_patterns, compile_selector, pattern_value
+from .select import compile_patterns, compile_selector, expand_all_linear, pattern_value
 from .subconfig import sub_config
 from .targets import build_layer, layer_kind, parent_of, swap_layer
 
@@ -399,8 +399,10 @@ def _targets(model, config, from_peft_model, func):
         targets = [(p, m) for p, m in modules if layer_kind(m) == "linear" and m.r > 0]
         what = "adapted Linear layers"
     else:
-        selected = compile_selector(config.target_modules or ".*", config.exclude_modules,
-                                    config.layers_to_transform, config.layers_pattern)
+        linear = [p for p, m in modules if layer_kind(m) == "linear"]
+        names = expand_all_linear(config.target_modules or ".*", linear, func, config.layers_to_transform,
+                                  config.layers_pattern)
+        selected = compile_selector(names, config.exclude_modules, config.layers_to_transform, config.layers_pattern)
         targets = [(p, m) for p, m in modules if layer_kind(m) == "linear" and selected(p)]
         what = f"Linear layers matching target_modules={config.target_modules!r}"
     if not targets:
