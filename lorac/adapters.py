@@ -237,7 +237,8 @@ def merge_and_unload(model, safe_merge=False, names=None, *, adapter_names=None,
     for _, layer, todo in tqdm(plans, desc="Unloading and merging model", disable=not progressbar):
         if todo:
             layer.merge(todo)
-    return _replace_tokens(_replace_by_plain(model, layers), tokens, merge=True)
+    return _replace_modules(model, [(path, _plain_layer(layer)) for path, layer in layers]
+                            + [(path, layer.plain(merge=True)) for path, layer in tokens])
 
 
 def _merge_plans(model, names, adapter_names, safe_merge, func):
@@ -284,32 +285,21 @@ def unload(model):
             raise RuntimeError(f"unload: layer {path!r} is inside disable_adapters()")
     for _, layer in layers:
         layer.unmerge()
-    return _replace_tokens(_replace_by_plain(model, layers), token_layers(model), merge=False)
+    return _replace_modules(model, [(path, _plain_layer(layer)) for path, layer in layers]
+                            + [(path, layer.plain(merge=False)) for path, layer in token_layers(model)])
 
 
-def _replace_tokens(root, tokens, merge):
-    """Each trainable-token layer of ``tokens`` replaced by its plain Embedding (rows written in when
-    ``merge``); returns the root (the new layer when it was one)."""
-    for path, layer in tokens:
-        plain = layer.plain(merge)
-        if not path:
-            return plain
-        modules = dict(root.named_modules())
-        parent_path, _, child = path.rpartition(".")
-        modules[parent_path].add_module(child, plain)
-    return root
-
-
-def _replace_by_plain(model, layers):
+def _replace_modules(model, replacements):
+    """Put each (path, new module) of ``replacements`` in its parent's place; returns the root
+    (the new module when the path is "": the model itself was replaced)."""
     modules = dict(model.named_modules())
     root = model
-    for path, layer in layers:
-        plain = _plain_layer(layer)
+    for path, new in replacements:
         if not path:
-            root = plain
+            root = new
             continue
         parent_path, _, child = path.rpartition(".")
-        modules[parent_path].add_module(child, plain)
+        modules[parent_path].add_module(child, new)
     return root
 
 

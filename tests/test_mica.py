@@ -69,7 +69,7 @@ def test_lora_B_stays_frozen_through_every_rule_that_trains_adapters():
     lorac.set_adapter(model, "default")
     assert not model[0].lora_B.requires_grad and model[0].lora_A.requires_grad
     lorac.delete_adapter(model, "other")
-    assert "other" not in model[0]._frozen_factors
+    assert "other" not in model[0]._frozen_lora_b
 
 
 def test_refusals():

@@ -188,7 +188,7 @@ class NamedAdapters(ThreadState):
         self._mixed_users = 0
         self._adapter_version = 0
         self._plain = True
-        self._frozen_factors = {}   # adapter name -> its parameters that never train (MiCA: ("lora_B",))
+        self._frozen_lora_b = set()   # adapters whose lora_B never trains (MiCA)
 
     def _adapter_capable(self):
         """Can this layer hold an adapter at all (MergedLinear: some group enabled)?"""
@@ -429,17 +429,18 @@ class NamedAdapters(ThreadState):
     def frozen_adapter_parameters(self):
         """{id(Parameter)} of the adapter parameters that never train (MiCA's lora_B; PEFT's frozen
         peft weights)."""
-        return {id(self.adapter_parameters(name)[1]) for name in self._frozen_factors}
+        return {id(self.adapter_parameters(name)[1]) for name in self._frozen_lora_b}
 
     def _follow_init(self, name, spec):
         """After adapter `name` started with `spec`: MiCA ('mica') trains lora_A only, so its lora_B is
         frozen and stays so; any other init lifts that (lora_B trains as lora_A does)."""
         lora_a, lora_b = self.adapter_parameters(name)
         if spec.name == "mica":
-            self._frozen_factors[name] = ("lora_B",)
+            self._frozen_lora_b.add(name)
             lora_b.requires_grad = False
             lora_b.grad = None
-        elif self._frozen_factors.pop(name, None):
+        elif name in self._frozen_lora_b:
+            self._frozen_lora_b.discard(name)
             lora_b.requires_grad = lora_a.requires_grad
 
     @locked
@@ -457,7 +458,7 @@ class NamedAdapters(ThreadState):
         for pname in param_names(name) + (bias_param_name(name),):
             self._parameters.pop(pname, None)
         del self._adapters[name]
-        self._frozen_factors.pop(name, None)
+        self._frozen_lora_b.discard(name)
         self._changed()
         return self
 

@@ -13,8 +13,8 @@ layer the factors computed from its data with the residual base weight
 
 import numpy as np
 
-from .select import compile_patterns, compile_selector, expand_all_linear, pattern_value
-from .targets import layer_kind
+from .select import compile_patterns, pattern_value
+from .targets import config_selector, layer_kind
 
 PREPARED = "_peft_prepared"
 
@@ -23,11 +23,8 @@ def plain_linear_targets(model, config, func, method):
     """[(path, layer)]: the plain lorac.Linear layers (r = 0) the config's target fields select; an
     Embedding or an already adapted layer among them is an error (``method`` names the init)."""
     modules = dict(model.named_modules())
-    linear = [p for p, m in modules.items() if p and layer_kind(m) == "linear"]
-    names = expand_all_linear(config.target_modules, linear, func, config.layers_to_transform,
-                              config.layers_pattern)
-    selected = compile_selector(names, config.exclude_modules, config.layers_to_transform, config.layers_pattern)
-    targets = [(p, modules[p]) for p in linear if selected(p)]
+    selected = config_selector(modules, config, func)
+    targets = [(p, m) for p, m in modules.items() if p and layer_kind(m) == "linear" and selected(p)]
     embeddings = [p for p, m in modules.items() if p and layer_kind(m) == "embedding" and selected(p)]
     if embeddings:
         raise ValueError(f"{func}: {method} starts Linear layers only; target_modules also selects the Embedding "
@@ -48,18 +45,28 @@ def config_ranks(targets, config):
     return {path: pattern_value(patterns, path, config.r) for path, _ in targets}
 
 
+def stored_entry(stored, key, shape, where, func, entry=None, hint=""):
+    """stored[key] (a loaded cache / covariance file) as float64, checked to be there, of ``shape``
+    and finite; else ValueError "<func>: <where> has no finite <shape> entry <entry or key><hint>"."""
+    value = stored.get(key)
+    if value is None or value.shape != shape or not np.isfinite(value).all():
+        raise ValueError(f"{func}: {where} has no finite {shape} entry {key if entry is None else entry}{hint}")
+    return value.astype(np.float64)
+
+
 def attach(layer, method, data):
     layer.__dict__[PREPARED] = (method, data)
 
 
-def prepared_data(model, config, func, method, what, preprocess):
+def prepared_data(model, config, func, method, label, noun, preprocess):
     """{path: data} of the layers get_peft_model adapts with init ``method``, checked to carry it
-    (``what`` it is and the ``preprocess`` call that makes it, for the message)."""
+    (for the messages: ``label`` names the method, ``noun`` the data, ``preprocess`` the call that
+    makes it)."""
     out = {}
-    for path, layer in plain_linear_targets(model, config, func, what.split()[0]):
+    for path, layer in plain_linear_targets(model, config, func, label):
         found = layer.__dict__.get(PREPARED)
         if found is None or found[0] != method:
-            raise ValueError(f"{func}: init_lora_weights={method!r}: layer {path!r} has no {what}; call "
+            raise ValueError(f"{func}: init_lora_weights={method!r}: layer {path!r} has no {label} {noun}; call "
                              f"lorac.{preprocess} first")
         out[path] = found[1]
     return out

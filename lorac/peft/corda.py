@@ -42,7 +42,7 @@ import numpy as np
 
 from ..checkpoint import load, save
 from ..module import Module
-from ._prepared import attach, config_ranks, plain_linear_targets, prepared_data
+from ._prepared import attach, config_ranks, plain_linear_targets, prepared_data, stored_entry
 from .subconfig import sub_config
 from .targets import layer_kind
 
@@ -126,15 +126,10 @@ def _covariances(model, targets, config, corda, run_model, hooked_model, func):
     path_file = corda.covariance_file
     if path_file is not None and os.path.exists(path_file) and os.path.getsize(path_file) > 0:
         stored = load(path_file)
-        out = {}
-        for path, layer in targets:
-            cov = stored.get(path)
-            shape = (layer.in_features, layer.in_features)
-            if cov is None or cov.shape != shape or not np.isfinite(cov).all():
-                raise ValueError(f"{func}: covariance_file {os.fspath(path_file)!r} has no finite {shape} entry "
-                                 f"for layer {path!r}")
-            out[path] = cov.astype(np.float64)
-        return out
+        where = f"covariance_file {os.fspath(path_file)!r}"
+        return {path: stored_entry(stored, path, (layer.in_features, layer.in_features), where, func,
+                                   entry=f"for layer {path!r}")
+                for path, layer in targets}
     if run_model is None or not callable(run_model):
         raise ValueError(f"{func}: run_model (a function running the calibration data) is required when "
                          "corda_config's cache_file and covariance_file do not exist yet")
@@ -215,18 +210,14 @@ def _crop(eigens, rank, method):
 
 def _read_cache(cache, targets, ranks, func):
     stored = load(cache)
+    where = f"cache_file {os.fspath(cache)!r}"
     out = {}
     for path, layer in targets:
         shapes = {"S_WC": (ranks[path],), "U_WC": (layer.out_features, ranks[path]),
                   "V_WC": (layer.in_features, ranks[path])}
-        values = {}
-        for field, shape in shapes.items():
-            value = stored.get(f"{path}.eigens.{field}")
-            if value is None or value.shape != shape or not np.isfinite(value).all():
-                raise ValueError(f"{func}: cache_file {os.fspath(cache)!r} has no finite {shape} entry "
-                                 f"{path}.eigens.{field}; build it with the same model and rank")
-            values[field] = value.astype(np.float64)
-        out[path] = CordaEigens(**values)
+        out[path] = CordaEigens(**{field: stored_entry(stored, f"{path}.eigens.{field}", shape, where, func,
+                                                       hint="; build it with the same model and rank")
+                                   for field, shape in shapes.items()})
     return out
 
 
@@ -241,7 +232,7 @@ def _progress(targets, verbose):
 def corda_eigens(model, config, func):
     """{path: CordaEigens} of the layers get_peft_model's CorDA init adapts, checked to be there and of
     the rank the config gives each layer (before anything changes)."""
-    eigens = prepared_data(model, config, func, "corda", "CorDA factors",
+    eigens = prepared_data(model, config, func, "corda", "CorDA", "factors",
                            "preprocess_corda(model, config, run_model)")
     ranks = config_ranks([(path, None) for path in eigens], config)
     for path, e in eigens.items():

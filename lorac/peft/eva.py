@@ -56,9 +56,9 @@ from ..adapters import _plain_layer, disable_adapters
 from ..layers import DoRALinear, LoRALayer
 from ..layers.adapters import DEFAULT
 from ..module import Module
-from .select import compile_patterns, compile_selector, expand_all_linear, pattern_value
+from .select import compile_patterns, pattern_value
 from .subconfig import sub_config
-from .targets import build_layer, layer_kind, parent_of, swap_layer
+from .targets import build_layer, config_selector, layer_kind, parent_of, swap_layer
 
 
 @dataclass
@@ -263,16 +263,15 @@ def get_eva_state_dict(model, dataloader, peft_config=None, forward_fn=default_f
             for handle in handles.values():   # those the loop put back on, too
                 handle.remove()
             model.train(training)
-    dtypes = {path: layer.dtype for path, layer in targets}
     state = {}
-    for path, _ in targets:
+    for path, layer in targets:
         pca = pcas[layer_owner[path]]
         rank = ranks_now[path]
         components = pca.pca.components_[:rank].copy()
         if eva.whiten:
             singular = pca.pca.singular_values_[:rank]
             components /= np.sqrt(np.where(singular > 0, singular, 1.0))[:, None]
-        state[path] = components.astype(dtypes[path])
+        state[path] = components.astype(layer.dtype)
     return state
 
 
@@ -394,16 +393,13 @@ def _batches(dataloader, func):
 
 def _targets(model, config, from_peft_model, func):
     """[(path, layer)] of the layers EVA initialises, in model order."""
-    modules = list(model.named_modules())
+    modules = dict(model.named_modules())
     if from_peft_model:
-        targets = [(p, m) for p, m in modules if layer_kind(m) == "linear" and m.r > 0]
+        targets = [(p, m) for p, m in modules.items() if layer_kind(m) == "linear" and m.r > 0]
         what = "adapted Linear layers"
     else:
-        linear = [p for p, m in modules if layer_kind(m) == "linear"]
-        names = expand_all_linear(config.target_modules or ".*", linear, func, config.layers_to_transform,
-                                  config.layers_pattern)
-        selected = compile_selector(names, config.exclude_modules, config.layers_to_transform, config.layers_pattern)
-        targets = [(p, m) for p, m in modules if layer_kind(m) == "linear" and selected(p)]
+        selected = config_selector(modules, config, func, config.target_modules or ".*")
+        targets = [(p, m) for p, m in modules.items() if layer_kind(m) == "linear" and selected(p)]
         what = f"Linear layers matching target_modules={config.target_modules!r}"
     if not targets:
         raise ValueError(f"{func}: the model has no {what}; EVA has nothing to initialise")

@@ -7,7 +7,8 @@ from ..layers.tokens import DELTA, TrainableTokensEmbedding
 from ..module import IncompatibleKeys, Module, StateDictKeyError, _checked_value
 from .folder import read_peft_folder
 from .keys import lorac_key, peft_tokens_key
-from .targets import build_layer, describe, layer_dims, layer_kind, parent_of, swap_layer
+from .targets import build_layer, describe, layer_dims, layer_kind, swap_layer
+from .tokens import install_tokens
 
 
 class AdapterMismatchError(ValueError):
@@ -123,12 +124,7 @@ def load_peft_adapter(model, path, adapter_name=None, strict=True):
             new._follow_init(DEFAULT, check_init("mica"))
         modules[mpath] = new
     for mpath, module, ids, rows in token_plans:
-        base = module.plain(merge=False) if isinstance(module, TrainableTokensEmbedding) else module
-        new = TrainableTokensEmbedding.from_embedding(base, ids, rows)
-        new.train(module.training)
-        parent, child = parent_of(modules, mpath)
-        parent.add_module(child, new)
-        modules[mpath] = new
+        install_tokens(modules, mpath, module, ids, rows)
     for mpath, values in extras.items():
         modules[mpath]._load_state_items(values)
     return IncompatibleKeys(missing, unexpected)

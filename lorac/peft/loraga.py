@@ -48,7 +48,7 @@ import numpy as np
 
 from ..checkpoint import load, save
 from ..module import Module
-from ._prepared import attach, config_ranks, plain_linear_targets, prepared_data
+from ._prepared import attach, config_ranks, plain_linear_targets, prepared_data, stored_entry
 from .subconfig import sub_config
 
 DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
@@ -169,19 +169,15 @@ def _counting(layer, path, counts):
 
 def _read_cache(cache, targets, func):
     stored = load(cache)
-    out = {}
-    for path, layer in targets:
-        grad = stored.get(f"{path}._peft_loraga_grad")
-        if grad is None or grad.shape != layer.weight.data.shape or not np.isfinite(grad).all():
-            raise ValueError(f"{func}: cache_file {os.fspath(cache)!r} has no finite {layer.weight.data.shape} "
-                             f"entry {path}._peft_loraga_grad; build it with the same model")
-        out[path] = grad.astype(np.float64)
-    return out
+    where = f"cache_file {os.fspath(cache)!r}"
+    return {path: stored_entry(stored, f"{path}._peft_loraga_grad", layer.weight.data.shape, where, func,
+                               hint="; build it with the same model")
+            for path, layer in targets}
 
 
 def loraga_grads(model, config, func):
     """{path: gradient} of the layers get_peft_model's LoRA-GA init adapts, checked (before anything changes)."""
-    grads = prepared_data(model, config, func, "lora_ga", "LoRA-GA gradients",
+    grads = prepared_data(model, config, func, "lora_ga", "LoRA-GA", "gradients",
                           "preprocess_loraga(model, config, train_step)")
     targets = [(path, model.get_submodule(path)) for path in grads]
     check_ranks(targets, config_ranks(targets, config), func)

@@ -43,8 +43,7 @@ from .subconfig import sub_config
 from .tokens import add_trainable_tokens, token_plan
 from .inject import inject_lora
 from .save import BIAS_MODES, select_modules_to_save
-from .select import compile_selector, expand_all_linear
-from .targets import layer_kind
+from .targets import config_selector, layer_kind
 
 DEFAULT = "default"
 
@@ -183,10 +182,7 @@ def _with_sub_configs(config, func):
 def _adapted_paths(model, config, func):
     """The module paths the config's target fields select."""
     modules = dict(model.named_modules())
-    linear = [p for p, m in modules.items() if p and layer_kind(m) == "linear"]
-    targets = expand_all_linear(config.target_modules, linear, func, config.layers_to_transform,
-                                config.layers_pattern)
-    selected = compile_selector(targets, config.exclude_modules, config.layers_to_transform, config.layers_pattern)
+    selected = config_selector(modules, config, func)
     return [p for p in modules if p and selected(p)]
 
 

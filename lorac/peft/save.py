@@ -44,7 +44,7 @@ def adapter_from_model(model, adapter_name="default"):
             keys=(lorac_key(path, "lora_A"), lorac_key(path, "lora_B")),
             magnitude=module.lora_magnitude_vector.data.copy() if module.use_dora else None,
             lora_bias=None if lora_bias is None else lora_bias.data.copy(),
-            frozen_b=adapter_name in module._frozen_factors)
+            frozen_b=adapter_name in module._frozen_lora_b)
         if kind == "linear":
             dropouts.append(config.lora_dropout)
     if dropouts:

@@ -20,6 +20,7 @@ from ..layers._lora_init import check_init
 from ..layers.adapters import DEFAULT
 from ..layers._threading import forget_thread_state
 from ..module import Parameter
+from .select import compile_selector, expand_all_linear
 
 KIND_OF_CLASS = {Linear: "linear", DoRALinear: "linear", Embedding: "embedding", DoRAEmbedding: "embedding"}
 
@@ -27,6 +28,16 @@ KIND_OF_CLASS = {Linear: "linear", DoRALinear: "linear", Embedding: "embedding",
 def layer_kind(module):
     """"linear", "embedding" or None (a module lorac cannot adapt)."""
     return KIND_OF_CLASS.get(type(module))
+
+
+def config_selector(modules, config, func, target_modules=None):
+    """The predicate path -> selected of a LoraConfig's target fields over ``modules``
+    (``dict(model.named_modules())``), PEFT's "all-linear" expanded to the Linear layers;
+    ``target_modules`` overrides the config's."""
+    linear = [p for p, m in modules.items() if p and layer_kind(m) == "linear"]
+    names = expand_all_linear(config.target_modules if target_modules is None else target_modules, linear, func,
+                              config.layers_to_transform, config.layers_pattern)
+    return compile_selector(names, config.exclude_modules, config.layers_to_transform, config.layers_pattern)
 
 
 def layer_dims(module):

@@ -56,8 +56,18 @@ def add_trainable_tokens(model, token_indices, func="add_trainable_tokens"):
     starting at their current values; the rest of those layers is frozen.  Returns the model."""
     modules = dict(model.named_modules())
     for path, layer, indices in token_plan(model, token_indices, func):
-        parent, child = parent_of(modules, path)
-        new = TrainableTokensEmbedding.from_embedding(layer, indices)
-        new.train(layer.training)
-        parent.add_module(child, new)
+        install_tokens(modules, path, layer, indices)
     return model
+
+
+def install_tokens(modules, path, layer, token_indices, rows=None):
+    """Put at ``path`` (``modules``: dict(model.named_modules())) the TrainableTokensEmbedding over
+    ``layer``'s table (a plain Embedding, or one with trainable tokens, whose rows are dropped) with
+    rows ``token_indices`` starting at ``rows`` (default: the table's); returns it."""
+    base = layer.plain(merge=False) if isinstance(layer, TrainableTokensEmbedding) else layer
+    new = TrainableTokensEmbedding.from_embedding(base, token_indices, rows)
+    new.train(layer.training)
+    parent, child = parent_of(modules, path)
+    parent.add_module(child, new)
+    modules[path] = new
+    return new
