@@ -3,6 +3,10 @@
  * side of the LoRA branch (u = drop(x) A^T and its backward, with dropout)
  * comes from lora_branch_impl.h, shared with MergedLinear. */
 
+#ifndef LORAC_BACKWARD_BLOCK_ROWS
+#define LORAC_BACKWARD_BLOCK_ROWS 64 /* rows of g per block of the backward's adapter products */
+#endif
+
 int FN(lorac_linear_forward)(const LoraLinear *L, real *u, ptrdiff_t ldu, real *y, ptrdiff_t ldy)
 {
     const ptrdiff_t n = L->n, in = L->in, out = L->out, r = L->r;
@@ -39,17 +43,12 @@ int FN(lorac_linear_forward)(const LoraLinear *L, real *u, ptrdiff_t ldu, real *
     return 0;
 }
 
-/* g (n, out) -> dbias (out) += column sums, accumulated in double. */
-static void FN(add_column_sums)(ptrdiff_t n, ptrdiff_t out, const real *g, ptrdiff_t ldg,
-                                double *acc, real *dbias)
+/* g (rows, out) -> acc (out) += column sums, in double. */
+static void FN(add_column_sums)(ptrdiff_t rows, ptrdiff_t out, const real *g, ptrdiff_t ldg, double *acc)
 {
-    for (ptrdiff_t j = 0; j < out; j++)
-        acc[j] = 0;
-    for (ptrdiff_t i = 0; i < n; i++)
+    for (ptrdiff_t i = 0; i < rows; i++)
         for (ptrdiff_t j = 0; j < out; j++)
             acc[j] += (double)g[i * ldg + j];
-    for (ptrdiff_t j = 0; j < out; j++)
-        dbias[j] += (real)acc[j];
 }
 
 int FN(lorac_linear_backward)(const LoraLinear *L, const real *u, ptrdiff_t ldu, const real *g,
@@ -60,47 +59,62 @@ int FN(lorac_linear_backward)(const LoraLinear *L, const real *u, ptrdiff_t ldu,
     const real scaling = (real)L->scaling, keep_scale = (real)L->keep_scale;
     real *dx = G->dx, *dw = G->dw, *dbias = G->dbias, *da = G->da, *db = G->db;
     const int lora = a != NULL && r > 0;
-    const int need_gb = lora && (dx || da);
-    const int need_drop = need_gb && L->mask && n > 0 && in > 0;
+    const int need_gb = lora && (dx || da) && n > 0;
+    const int need_drop = need_gb && L->mask && in > 0;
+    const ptrdiff_t block = n < LORAC_BACKWARD_BLOCK_ROWS ? n : LORAC_BACKWARD_BLOCK_ROWS;
     real *gb = NULL, *scratch = NULL;
     double *colsum = NULL;
 
     /* Allocate every scratch first: on failure nothing has been written. */
-    if (need_gb && n > 0 && r > 0)
-        gb = malloc(sizeof(real) * (size_t)n * (size_t)r);
+    if (need_gb)
+        gb = malloc(sizeof(real) * (size_t)block * (size_t)r);
     if (need_drop)
         scratch = malloc(sizeof(real) * (size_t)LORAC_BRANCH_BLOCK_ROWS * (size_t)in);
     if (dbias && out > 0)
-        colsum = malloc(sizeof(double) * (size_t)out);
-    if ((need_gb && n > 0 && r > 0 && !gb) || (need_drop && !scratch) ||
-        (dbias && out > 0 && !colsum)) {
+        colsum = calloc((size_t)out, sizeof(double));
+    if ((need_gb && !gb) || (need_drop && !scratch) || (dbias && out > 0 && !colsum)) {
         free(gb);
         free(scratch);
         free(colsum);
         return -1;
     }
 
-    if (dbias)
-        FN(add_column_sums)(n, out, g, ldg, colsum, dbias);
     if (dw) { /* dW0 += g^T x (out, in), or x^T g (in, out) */
         if (L->w_in_out)
             FN(gemm_rm)(CblasTrans, CblasNoTrans, in, out, n, 1, x, L->ldx, g, ldg, 1, dw, G->lddw);
         else
             FN(gemm_rm)(CblasTrans, CblasNoTrans, out, in, n, 1, g, ldg, x, L->ldx, 1, dw, G->lddw);
     }
-    if (lora && db) /* dB += scaling * g^T u  (out, r) */
-        FN(gemm_rm)(CblasTrans, CblasNoTrans, out, r, n, scaling, g, ldg, u, ldu, 1, db, G->lddb);
     if (dx) /* dx = g W0  (n, in) */
         FN(gemm_rm)(CblasNoTrans, L->w_in_out ? CblasTrans : CblasNoTrans, n, in, out, 1, g, ldg,
                     w, L->ldw, 0, dx, G->lddx);
 
-    if (gb) {
-        /* gb = g B  (n, r) */
-        FN(gemm_rm)(CblasNoTrans, CblasNoTrans, n, r, out, 1, g, ldg, b, L->ldb, 0, gb, r);
-        /* dx += scaling * drop'(gb A);  dA += scaling * gb^T drop(x) */
-        FN(branch_down_backward)(n, in, r, scaling, gb, r, x, L->ldx, L->mask, keep_scale, a, L->lda,
-                                 dx, G->lddx, da, G->ldda, scratch);
+    /* The bias gradient and the adapter's products, a block of rows at a
+     * time: a block of g is read from memory once and then from cache by
+     * each product that needs it (whole-batch products streamed g three
+     * times, x and dx once more each).  They come after the stream through
+     * W0, so that the next forward finds A and B still in cache. */
+    for (ptrdiff_t i0 = 0; i0 < n; i0 += block) {
+        const ptrdiff_t rows = n - i0 < block ? n - i0 : block;
+        const real *g_blk = g + i0 * ldg;
+        if (colsum)
+            FN(add_column_sums)(rows, out, g_blk, ldg, colsum);
+        if (lora && db) /* dB += scaling * g^T u  (out, r) */
+            FN(gemm_rm)(CblasTrans, CblasNoTrans, out, r, rows, scaling, g_blk, ldg, u + i0 * ldu, ldu, 1,
+                        db, G->lddb);
+        if (gb) {
+            real *dx_blk = dx ? dx + i0 * G->lddx : NULL;
+            /* gb = g B  (rows, r) */
+            FN(gemm_rm)(CblasNoTrans, CblasNoTrans, rows, r, out, 1, g_blk, ldg, b, L->ldb, 0, gb, r);
+            /* dx += scaling * drop'(gb A);  dA += scaling * gb^T drop(x) */
+            FN(branch_down_backward)(rows, in, r, scaling, gb, r, x + i0 * L->ldx, L->ldx,
+                                     L->mask ? L->mask + i0 * in : NULL, keep_scale, a, L->lda, dx_blk,
+                                     G->lddx, da, G->ldda, scratch);
+        }
     }
+    if (colsum)
+        for (ptrdiff_t j = 0; j < out; j++)
+            dbias[j] += (real)colsum[j];
     free(gb);
     free(scratch);
     free(colsum);

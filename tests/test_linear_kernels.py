@@ -13,7 +13,8 @@ DTYPES = [np.float32, np.float64]
 # n and r of 2 and 3 take gemm_rm's row-by-row GEMV path, n of 5 and 32 with a
 # depth >= 128 its panel path (two panels of C^T, the second partial; csrc/gemm_impl.h);
 # one row with out > 32 makes dB a k = 1 product that is neither GER nor GEMV:
-# r = 5 takes its transposed-row route, r = 16 the plain one
+# r = 5 takes its transposed-row route, r = 16 the plain one; n of 65 and 130 span
+# the backward's blocks of 64 rows (lora_linear_impl.h), their last block 1 and 2 rows
 SHAPES = [(0, 5, 3, 2), (1, 1, 1, 1), (1, 7, 5, 3), (2, 6, 5, 2), (3, 8, 4, 3), (3, 17, 9, 1), (13, 31, 23, 4),
           (65, 20, 70, 8), (5, 130, 300, 4), (32, 128, 260, 2), (1, 40, 70, 5), (1, 40, 70, 16),
           (130, 9, 11, 16), (4, 0, 6, 2), (4, 6, 0, 2)]
