@@ -14,6 +14,9 @@
 #ifndef LORAC_BRANCH_BLOCK_ROWS
 #define LORAC_BRANCH_BLOCK_ROWS 64
 #endif
+#ifndef LORAC_BACKWARD_BLOCK_ROWS
+#define LORAC_BACKWARD_BLOCK_ROWS 64 /* rows of g per block of a backward's adapter products */
+#endif
 
 /* x (rows, in) with row stride ldx, mask (rows, in) -> out (rows, in) contiguous
  * out = x * mask * keep_scale  (x * 0 keeps NaN as NaN, as torch's dropout). */

@@ -3,10 +3,6 @@
  * side of the LoRA branch (u = drop(x) A^T and its backward, with dropout)
  * comes from lora_branch_impl.h, shared with MergedLinear. */
 
-#ifndef LORAC_BACKWARD_BLOCK_ROWS
-#define LORAC_BACKWARD_BLOCK_ROWS 64 /* rows of g per block of the backward's adapter products */
-#endif
-
 int FN(lorac_linear_forward)(const LoraLinear *L, real *u, ptrdiff_t ldu, real *y, ptrdiff_t ldy)
 {
     const ptrdiff_t n = L->n, in = L->in, out = L->out, r = L->r;

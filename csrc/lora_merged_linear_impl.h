@@ -63,11 +63,12 @@ int FN(lorac_merged_linear_backward)(const LoraMergedLinear *M, const real *u, p
     const int lora = FN(merged_has_adapter)(M);
     const int need_gb = lora && (dx || da) && n > 0;
     const int need_drop = need_gb && M->mask && in > 0;
+    const ptrdiff_t block = n < LORAC_BACKWARD_BLOCK_ROWS ? n : LORAC_BACKWARD_BLOCK_ROWS;
     real *gb = NULL, *scratch = NULL;
 
     /* Allocate every scratch first: on failure nothing has been written. */
     if (need_gb)
-        gb = malloc(sizeof(real) * (size_t)n * (size_t)rank);
+        gb = malloc(sizeof(real) * (size_t)block * (size_t)rank);
     if (need_drop)
         scratch = malloc(sizeof(real) * (size_t)LORAC_BRANCH_BLOCK_ROWS * (size_t)in);
     if ((need_gb && !gb) || (need_drop && !scratch)) {
@@ -90,19 +91,24 @@ int FN(lorac_merged_linear_backward)(const LoraMergedLinear *M, const real *u, p
     if (!lora)
         return 0;
 
-    for (ptrdiff_t e = 0; e < M->n_enabled; e++) {
-        const real *g_blk = g + M->enabled[e] * og; /* (n, og), row stride ldg */
-        if (db) /* dB_e += scaling * g_blk^T u_e  (og, r) */
-            FN(gemm_rm)(CblasTrans, CblasNoTrans, og, r, n, scaling, g_blk, ldg, u + e * r, ldu, 1,
-                        db + e * og * G->lddb, G->lddb);
-        if (gb) /* gb_e = g_blk B_e  (n, r) */
-            FN(gemm_rm)(CblasNoTrans, CblasNoTrans, n, r, og, 1, g_blk, ldg, b + e * og * M->ldb,
-                        M->ldb, 0, gb + e * r, rank);
+    /* A block of rows at a time, as the Linear backward: each block of g is
+     * read from memory once and from cache by each product that needs it. */
+    for (ptrdiff_t i0 = 0; i0 < n; i0 += block) {
+        const ptrdiff_t rows = n - i0 < block ? n - i0 : block;
+        for (ptrdiff_t e = 0; e < M->n_enabled; e++) {
+            const real *g_e = g + i0 * ldg + M->enabled[e] * og; /* (rows, og), row stride ldg */
+            if (db) /* dB_e += scaling * g_e^T u_e  (og, r) */
+                FN(gemm_rm)(CblasTrans, CblasNoTrans, og, r, rows, scaling, g_e, ldg, u + i0 * ldu + e * r,
+                            ldu, 1, db + e * og * G->lddb, G->lddb);
+            if (gb) /* gb_e = g_e B_e  (rows, r) */
+                FN(gemm_rm)(CblasNoTrans, CblasNoTrans, rows, r, og, 1, g_e, ldg, b + e * og * M->ldb,
+                            M->ldb, 0, gb + e * r, rank);
+        }
+        if (gb) /* dx += scaling * drop'(gb A);  dA += scaling * gb^T drop(x) */
+            FN(branch_down_backward)(rows, in, rank, scaling, gb, rank, (const real *)M->x + i0 * M->ldx,
+                                     M->ldx, M->mask ? M->mask + i0 * in : NULL, (real)M->keep_scale, M->a,
+                                     M->lda, dx ? dx + i0 * G->lddx : NULL, G->lddx, da, G->ldda, scratch);
     }
-    if (gb)
-        FN(branch_down_backward)(n, in, rank, scaling, gb, rank, M->x, M->ldx, M->mask,
-                                 (real)M->keep_scale, M->a, M->lda, dx, G->lddx, da, G->ldda,
-                                 scratch);
     free(gb);
     free(scratch);
     return 0;
