@@ -90,7 +90,8 @@ static double alias_median_seconds(int lorac, ptrdiff_t size, const float *g, co
             if (lorac)
                 gemm_rm_f32(CblasNoTrans, CblasNoTrans, 1, size, size, 1, g, size, w, size, 0, c, size);
             else
-                CBLAS(sgemv)(CblasRowMajor, CblasTrans, (blasint)size, (blasint)size, 1, w, (blasint)size, g, 1, 0, c, 1);
+                CBLAS(sgemv)(CblasRowMajor, CblasTrans, (blasint)size, (blasint)size, 1, w, (blasint)size, g, 1, 0,
+                             c, 1);
         }
         samples[rep] = (seconds_now() - start) / inner;
     }

@@ -482,7 +482,8 @@ def test_load_adapter_errors(tmp_path):
 
 # -- merge_and_unload, unload ---------------------------------------------------------------------
 def _state_attributes(layer):
-    return {k: v for k, v in vars(layer).items() if k not in ("_parameters", "_modules", "rng", "_cache", "_lock", "_tls")}
+    skipped = ("_parameters", "_modules", "rng", "_cache", "_lock", "_tls")
+    return {k: v for k, v in vars(layer).items() if k not in skipped}
 
 
 def test_merge_and_unload_takes_pefts_keywords(capsys):

@@ -567,7 +567,8 @@ def check_load_state_dict_bad():
             layer.load_state_dict({"nope": np.ones(3)})
         # all-or-nothing: a good key next to a bad one is not applied either
         with pytest.raises(ValueError):
-            layer.load_state_dict({"bias": np.zeros(3, np.float32), "weight": np.ones((3, 5), np.float32)}, strict=False)
+            layer.load_state_dict({"bias": np.zeros(3, np.float32), "weight": np.ones((3, 5), np.float32)},
+                                  strict=False)
         assert_layer_unchanged(layer, state)
 
 

@@ -244,7 +244,8 @@ def test_selects_the_modules_peft_selects(targets):
 
 
 def _state_attributes(layer):
-    return {k: v for k, v in vars(layer).items() if k not in ("_parameters", "_modules", "rng", "_cache", "_lock", "_tls")}
+    skipped = ("_parameters", "_modules", "rng", "_cache", "_lock", "_tls")
+    return {k: v for k, v in vars(layer).items() if k not in skipped}
 
 
 CASES = {

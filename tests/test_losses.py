@@ -254,5 +254,5 @@ def test_kernels_read_strided_logits(rng):
     loss, lse, total, count = _C.cross_entropy_forward(x, t, -100)
     np.testing.assert_allclose(loss, ce_reference(x, t, reduction="none"), rtol=1e-13)
     assert count == 5 and np.isclose(total, loss.sum())
-    np.testing.assert_allclose(_C.cross_entropy_backward(x, t, lse, -100, 1.0), ce_grad_reference(x, t, reduction="sum"),
-                               rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(_C.cross_entropy_backward(x, t, lse, -100, 1.0),
+                               ce_grad_reference(x, t, reduction="sum"), rtol=1e-12, atol=1e-14)

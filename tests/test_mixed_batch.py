@@ -86,7 +86,8 @@ def test_float32_mixed_batch():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(adapter_names=["a", "zz", "b", "a"]), ValueError, r"unknown adapter 'zz' at row 1; the model has \['default', 'a', 'b'\]"),
+    (dict(adapter_names=["a", "zz", "b", "a"]), ValueError,
+     r"unknown adapter 'zz' at row 1; the model has \['default', 'a', 'b'\]"),
     (dict(adapter_names=["a", "b"]), ValueError, r"2 adapter names for an input of shape \(4, 2\)"),
     (dict(adapter_names="a"), TypeError, "adapter_names must be a list of str"),
     (dict(adapter_names=["a", 1, "b", "a"]), TypeError, "got int at row 1"),

@@ -215,7 +215,8 @@ def test_bad_input():
     x, w, bias, a, b, router = operands(np.random.default_rng(0), 3, 5, 4, 4, 2, np.float64)
     with pytest.raises(ValueError, match=r"molora_forward\(\): 'lora_router' must have num_experts >= 1 rows dividing"):
         _C.molora_forward(x, w, bias, a, b, router[:0], 1.0, 1)
-    with pytest.raises(ValueError, match=r"molora_forward\(\): 'top_k' must lie in \[1, num_experts\] = \[1, 2\], got 3"):
+    with pytest.raises(ValueError,
+                       match=r"molora_forward\(\): 'top_k' must lie in \[1, num_experts\] = \[1, 2\], got 3"):
         _C.molora_forward(x, w, bias, a, b, router, 1.0, 3)
     with pytest.raises(ValueError, match=r"'lora_router' must have shape \(num_experts, in\)"):
         _C.molora_forward(x, w, bias, a, b, router[:, :4], 1.0, 1)
