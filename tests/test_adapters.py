@@ -6,6 +6,7 @@ weighted combinations, rsLoRA."""
 import numpy as np
 import pytest
 
+from layer_state import state_attributes
 from reference import central_difference
 
 import lorac
@@ -481,11 +482,6 @@ def test_load_adapter_errors(tmp_path):
 
 
 # -- merge_and_unload, unload ---------------------------------------------------------------------
-def _state_attributes(layer):
-    skipped = ("_parameters", "_modules", "rng", "_cache", "_lock", "_tls")
-    return {k: v for k, v in vars(layer).items() if k not in skipped}
-
-
 def test_merge_and_unload_takes_pefts_keywords(capsys):
     net = net_with_adapters()
     idx = np.random.default_rng(0).integers(0, 11, (2, 4))
@@ -512,7 +508,7 @@ def test_merge_and_unload(safe_merge):
         fresh = type(layer)(*((11, 6) if name == "emb" else (6, 6) if name == "proj" else (6, 9)), r=0,
                             dtype=np.float64, **({"enable_lora": (True, False, True)} if name == "qkv" else {}))
         fresh.eval()
-        assert _state_attributes(layer) == _state_attributes(fresh), name
+        assert state_attributes(layer) == state_attributes(fresh), name
         assert [k for k, _ in layer.named_parameters()] == [k for k, _ in fresh.named_parameters()]
         assert layer.weight.requires_grad
     np.testing.assert_allclose(net(idx), adapted, rtol=1e-10, atol=1e-10)

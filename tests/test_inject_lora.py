@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import lorac
+from layer_state import state_attributes
 from reference import central_difference
 
 X = np.random.default_rng(3).standard_normal((4, 6)).astype(np.float32)
@@ -243,11 +244,6 @@ def test_selects_the_modules_peft_selects(targets):
     assert adapted(lorac.inject_lora(Net(), targets, r=2)) == chosen
 
 
-def _state_attributes(layer):
-    skipped = ("_parameters", "_modules", "rng", "_cache", "_lock", "_tls")
-    return {k: v for k, v in vars(layer).items() if k not in skipped}
-
-
 CASES = {
     "linear": (lorac.Linear, (5, 4), dict(lora_dropout=0.25)),
     "linear-fifo-f64": (lorac.Linear, (5, 4), dict(fan_in_fan_out=True, bias=False, dtype=np.float64)),
@@ -269,7 +265,7 @@ def test_rebuilt_layer_is_a_constructed_layer(case, use_rslora):
                               use_rslora=use_rslora, rng=2, fan_in_fan_out=None)
     rebuilt = model[0]
     assert type(rebuilt) is type(built)
-    assert _state_attributes(rebuilt) == _state_attributes(built)
+    assert state_attributes(rebuilt) == state_attributes(built)
     assert [(k, v.shape, v.dtype, v.requires_grad) for k, v in rebuilt.named_parameters()] == \
         [(k, v.shape, v.dtype, v.requires_grad) for k, v in built.named_parameters()]
     built.load_state_dict(rebuilt.state_dict())
